@@ -245,6 +245,10 @@ def next_patch_loss(logits, targets, K):
 # data: uint16 token files read through np.memmap; batches of K*T tokens and their shift by K
 
 
+def say(msg):
+    print(msg, flush=True)  # flushed so that `| tee` and log files show progress as it happens
+
+
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2, nothing overwritten."""
 
@@ -425,7 +429,7 @@ class Run:
     """Everything a training run holds: model, data, optimizer, progress. Small on purpose:
     the loop itself is in run_stage()."""
 
-    def __init__(self, mc, tc, log=print):
+    def __init__(self, mc, tc, log=say):
         self.mc, self.tc, self.log = mc, tc, log
         # distributed data parallel when launched by torchrun
         self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -583,19 +587,45 @@ def check_finite(losses, first_step, stage):
                                "(try a lower --lr)")
 
 
+def train_step(run, stage, lr):
+    """One optimizer step: grad_accum micro-steps of micro_batch sequences of K*T tokens each.
+    Returns the last micro-step's loss as a tensor (reading it would sync the GPU)."""
+    model = run.model
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    n_rows = stage.micro_batch * run.world  # rows drawn per micro-step, all processes together
+    for micro in range(stage.grad_accum):
+        # every process draws the same starts and takes its own slice: one RNG state to save,
+        # and N processes see exactly the batches one process would see with N times the rows
+        starts = batch_starts(run.rng, len(run.train_data), stage.K, run.mc.block_size, n_rows)
+        mine = starts[run.rank * stage.micro_batch : (run.rank + 1) * stage.micro_batch]
+        x, y = get_batch(run.train_data, mine, stage.K, run.mc.block_size, run.device)
+        if run.ddp:  # average gradients across processes only on the last micro-step
+            model.require_backward_grad_sync = micro == stage.grad_accum - 1
+        with run.ctx:
+            _, loss = model(x, y, patch_size=stage.K)
+        run.scaler.scale(loss / stage.grad_accum).backward()
+    if run.tc.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.tc.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_stage(run, stage):
     """Train one stage from run.step to stage.steps: the classic loop of micro-steps with
     gradient accumulation, clipping, AdamW, logging, periodic evaluation and checkpoints."""
-    tc, model = run.tc, run.model
+    tc = run.tc
     if run.optimizer is None:
         run.optimizer = run.raw_model.configure_optimizer(tc, run.device_type)
     # the global schedule spans both stages; the paper restarts warmup + cosine for stage 2
     offset = sum(s.steps for s in run.stages[: run.stage_idx]) if tc.schedule == "global" else 0
     sched_steps = sum(s.steps for s in run.stages) if tc.schedule == "global" else stage.steps
-    n_rows = stage.micro_batch * run.world  # rows drawn per micro-step, all processes together
     losses, first = [], run.step  # losses since the last check, and the step of the first one
     clock = StageClock(run)
-    model.train()
+    run.model.train()
     while run.step < stage.steps:
         if run.step % tc.eval_interval == 0 and not run.evaluated(stage):
             clock.pause()
@@ -604,26 +634,7 @@ def run_stage(run, stage):
                 run.save()
             clock.resume()
         lr = get_lr(run.step + offset, sched_steps, tc)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(stage.grad_accum):
-            # every process draws the same starts and takes its own slice: one RNG state to save,
-            # and N processes see exactly the batches one process would see with N times the rows
-            starts = batch_starts(run.rng, len(run.train_data), stage.K, run.mc.block_size, n_rows)
-            mine = starts[run.rank * stage.micro_batch : (run.rank + 1) * stage.micro_batch]
-            x, y = get_batch(run.train_data, mine, stage.K, run.mc.block_size, run.device)
-            if run.ddp:  # average gradients across processes only on the last micro-step
-                model.require_backward_grad_sync = micro == stage.grad_accum - 1
-            with run.ctx:
-                _, loss = model(x, y, patch_size=stage.K)
-            run.scaler.scale(loss / stage.grad_accum).backward()
-        losses.append(loss.detach())
-        if tc.grad_clip > 0:
-            run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), tc.grad_clip)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
+        losses.append(train_step(run, stage, lr))
         run.step += 1
         run.tokens_seen += stage.tokens_per_step
         last = run.step == stage.steps
@@ -731,7 +742,7 @@ def summarize(run):
     }
 
 
-def print_summary(s, log=print):
+def print_summary(s, log=say):
     log("")
     log(f"{'stage':<8}{'K':>3}{'tokens':>10}{'steps':>7}{'positions':>11}{'FLOPs':>10}{'time':>9}{'tok/s':>9}")
     for r in s["stages"] + [dict(s["total"], stage="total", K="")]:
@@ -744,7 +755,7 @@ def print_summary(s, log=print):
         log(f"final token-level val loss {s['val_loss']:.4f} (perplexity {math.exp(s['val_loss']):.2f})")
 
 
-def train(mc, tc, log=print):
+def train(mc, tc, log=say):
     """One two-stage run (or a token-level baseline when K=1 or lam=0). Returns the summary."""
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if tc.resume else None
@@ -799,7 +810,7 @@ def train(mc, tc, log=print):
 # baselines of equal compute, on the same data, seed and model
 
 
-def compare(mc, tc, ks, lams, log=print):
+def compare(mc, tc, ks, lams, log=say):
     from dataclasses import replace
 
     root = tc.out_dir or "out/compare"
@@ -851,7 +862,7 @@ def compare_table(results):
     return lines
 
 
-def plot_compare(results, path, log=print):
+def plot_compare(results, path, log=say):
     """Token-level val loss against training tokens and against compute, like the paper's Figure 1.
     matplotlib is optional: without it the JSON results are all there is."""
     try:
@@ -892,7 +903,7 @@ def plot_compare(results, path, log=print):
 # sampling
 
 
-def sample(out_dir, prompt, num_samples, max_new_tokens, temperature, top_k, device, seed, log=print):
+def sample(out_dir, prompt, num_samples, max_new_tokens, temperature, top_k, device, seed, log=say):
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     mc = GPTConfig(**ckpt["model_config"])
     model = GPT(mc)

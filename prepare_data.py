@@ -383,8 +383,18 @@ def input_name(path):
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other refusal here
+        fail(message)
+
+
+def fail(message):
+    print(f"prepare_data: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize text into train.bin/val.bin (gpt2, uint16) for patchgpt.")
+    parser = Parser(description="Tokenize text into train.bin/val.bin (gpt2, uint16) for patchgpt.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--dataset", choices=sorted(DATASETS),
                         help="named dataset to download once and prepare (default: tinyshakespeare)")
@@ -410,8 +420,7 @@ def main(argv=None):
         meta = prepare(input_path, out_dir, val_input=val_input, val_frac=args.val_frac,
                        force=args.force, workers=args.workers)
     except (PrepareError, OSError) as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     for split in ("train", "val"):
         print(f"{split}: {meta[split + '_tokens']:,} tokens -> {os.path.join(out_dir, split + '.bin')}")
     print(f"meta -> {os.path.join(out_dir, 'meta.json')}  ({time.time() - t0:.1f} s)")

@@ -354,6 +354,20 @@ def assert_refused(result, *words):
         assert w in lines[0], lines[0]
 
 
+def refused(capsys, cmd):
+    """Run patchgpt's main() in this process (much faster than a subprocess) and return what a
+    shell would see: exit code and output."""
+    with pytest.raises(SystemExit) as exit_info:
+        P.main(cmd[2:])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(cmd, exit_info.value.code, out, err)
+
+
+def test_refusal_from_the_real_command_line(data_dir, tmp_path):
+    assert_refused(run_cli(tiny_cli(data_dir, tmp_path / "o", "--k", "0")), "--k", "whole number")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flags,words", [
     (["--k", "0"], ["--k", "whole number"]),
     (["--k", "2.5"], ["--k", "whole number"]),
@@ -367,12 +381,12 @@ def assert_refused(result, *words):
     (["--tokens", "0"], ["--tokens"]),
     (["--bogus"], ["unrecognized"]),
 ])
-def test_bad_flags_are_refused(data_dir, tmp_path, flags, words):
-    assert_refused(run_cli(tiny_cli(data_dir, tmp_path / "o", *flags)), *words)
+def test_bad_flags_are_refused(data_dir, tmp_path, capsys, flags, words):
+    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "o", *flags)), *words)
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_data_files_are_refused(tmp_path):
+def test_bad_data_files_are_refused(tmp_path, capsys):
     cases = {
         "missing": None,
         "empty": b"",
@@ -386,30 +400,31 @@ def test_bad_data_files_are_refused(tmp_path):
         np.arange(5000, dtype=np.uint16).tofile(d / "val.bin")
         if content is not None:
             (d / "train.bin").write_bytes(content)
-        assert_refused(run_cli(tiny_cli(d, tmp_path / f"out_{name}")), words[name])
+        assert_refused(refused(capsys, tiny_cli(d, tmp_path / f"out_{name}")), words[name])
         assert not (tmp_path / f"out_{name}").exists()
 
 
-def test_bad_checkpoints_are_refused(data_dir, tmp_path):
-    assert_refused(run_cli(tiny_cli(data_dir, tmp_path / "none", "--resume")), "no checkpoint")
+def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
+    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "none", "--resume")), "no checkpoint")
     good = tmp_path / "good"
-    assert run_cli(tiny_cli(data_dir, good, "--tokens", "1024")).returncode == 0
+    P.main(tiny_cli(data_dir, good, "--tokens", "1024")[2:])
+    capsys.readouterr()
     blob = (good / "ckpt.pt").read_bytes()
     for name, content, words in (("truncated", blob[: len(blob) // 2], "not a readable checkpoint"),
                                  ("garbage", b"hello", "not a readable checkpoint")):
         d = tmp_path / name
         d.mkdir()
         (d / "ckpt.pt").write_bytes(content)
-        assert_refused(run_cli(tiny_cli(data_dir, d, "--resume")), words)
+        assert_refused(refused(capsys, tiny_cli(data_dir, d, "--resume")), words)
         assert (d / "ckpt.pt").read_bytes() == content
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     torch.save({"state_dict": {}}, foreign / "ckpt.pt")
-    assert_refused(run_cli(tiny_cli(data_dir, foreign, "--resume")), "not a patchgpt checkpoint")
+    assert_refused(refused(capsys, tiny_cli(data_dir, foreign, "--resume")), "not a patchgpt checkpoint")
     # a different run in the out dir: refused, and the checkpoint there is untouched
-    assert_refused(run_cli(tiny_cli(data_dir, good, "--tokens", "1024")), "already holds a run")
+    assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "1024")), "already holds a run")
     assert (good / "ckpt.pt").read_bytes() == blob
-    assert_refused(run_cli(tiny_cli(data_dir, good, "--tokens", "2048", "--resume")), "tokens=")
+    assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "2048", "--resume")), "tokens=")
     assert (good / "ckpt.pt").read_bytes() == blob
 
 
@@ -482,3 +497,22 @@ def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
     single = run.raw_model.state_dict()
     for key in single:
         assert torch.allclose(single[key], r0["model"][key], atol=2e-4), key
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark's plumbing (its numbers are measurements, printed, never asserted as targets)
+
+
+def test_bench_times_both_stages(data_dir):
+    import bench
+
+    lines = []
+    tc = tiny_train_config(data_dir, "", k=4, lam=0.5)
+    result = bench.bench(TINY, tc, warmup_steps=1, timed_steps=2, log=lines.append)
+    token, patch = result["rows"]
+    assert (token["K"], patch["K"]) == (1, 4)
+    assert token["tokens_per_step"] == patch["tokens_per_step"] == 8 * 2 * 16
+    assert all(r["tok_s"] > 0 and r["ms_per_step"] > 0 for r in result["rows"])
+    assert result["speedup"] == pytest.approx(patch["tok_s"] / token["tok_s"])
+    assert result["run_ratio"] == pytest.approx(0.5 * token["tok_s"] / patch["tok_s"] + 0.5)
+    assert any(line.startswith("whole run --k 4") for line in lines)

@@ -1,0 +1,124 @@
+"""
+bench.py: steady-state speed of patchgpt's training step, per stage, and what it means for a run.
+
+It builds the same Run and calls the same train_step() as patchgpt.py, times a few optimizer
+steps of each stage after warm-up (synchronizing the GPU around the timed steps), and prints
+tokens/s, ms/step, model FLOPs utilization and peak memory, then the wall time a whole
+`--k K --lam lam` run would take relative to token-level training of the same tokens.
+
+Usage (takes every patchgpt.py flag, plus --warmup_steps and --timed_steps):
+  CPU, the default model:   python bench.py --k 4
+  one GPU, GPT-2 124M:      python bench.py --device cuda --compile --k 4 --lam 0.67 \\
+                                --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 16 --grad_accum 4
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+import patchgpt as P
+
+# dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s); MFU is reported against
+# the entry whose key appears in torch.cuda.get_device_name(), and left out for unknown devices
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16.items():  # more specific keys come first
+        if key in name:
+            return peak
+    return None
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_stage(run, stage, warmup_steps, timed_steps):
+    """Mean seconds per optimizer step after warm-up, and the peak GPU memory of the timed steps."""
+    run.optimizer = run.raw_model.configure_optimizer(run.tc, run.device_type)
+    run.model.train()
+    for _ in range(warmup_steps):  # the first steps compile kernels and grow the caching allocator
+        P.train_step(run, stage, run.tc.lr)
+    sync(run.device)
+    if run.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    t0 = time.perf_counter()
+    for _ in range(timed_steps):
+        P.train_step(run, stage, run.tc.lr)
+    sync(run.device)
+    secs = (time.perf_counter() - t0) / timed_steps
+    peak = torch.cuda.max_memory_allocated(run.device) if run.device_type == "cuda" else None
+    return secs, peak
+
+
+def bench(mc, tc, warmup_steps=3, timed_steps=10, log=P.say):
+    run = P.Run(mc, tc, log=lambda *a: None)  # the stages of a real run with these flags
+    per_pos = P.flops_per_position(mc)
+    peak = peak_flops(run.device)
+    rows = []
+    for stage in sorted(run.stages, key=lambda s: s.K):  # token stage first, as a reference
+        secs, mem = time_stage(run, stage, warmup_steps, timed_steps)
+        positions = stage.tokens_per_step // stage.K
+        rows.append({"stage": stage.name, "K": stage.K, "tokens_per_step": stage.tokens_per_step,
+                     "ms_per_step": 1e3 * secs, "tok_s": stage.tokens_per_step / secs,
+                     "mfu": positions * per_pos / secs / peak if peak else None,
+                     "peak_mem_gb": mem / 2**30 if mem is not None else None})
+    token, patch = rows[0], rows[-1]
+    name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
+    log(f"device {name} | {mc.n_layer} layers, {mc.n_embd} wide, block {mc.block_size} | "
+        f"{run.raw_model.num_params() / 1e6:.1f}M params | dtype {tc.dtype} | compile {tc.compile}")
+    log(f"{'stage':<7}{'K':>3}{'tokens/step':>13}{'ms/step':>10}{'tokens/s':>11}{'MFU':>7}{'peak mem':>10}")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gb']:.2f}G" if r["peak_mem_gb"] is not None else "-"
+        log(f"{r['stage']:<7}{r['K']:>3}{r['tokens_per_step']:>13}{r['ms_per_step']:>10.1f}"
+            f"{P.fmt_count(r['tok_s']):>11}{mfu:>7}{mem:>10}")
+    speedup = patch["tok_s"] / token["tok_s"]
+    lam = tc.lam
+    # a whole run: lam of the tokens at the patch stage's speed, the rest at the token stage's
+    ratio = lam * token["tok_s"] / patch["tok_s"] + 1 - lam
+    log(f"patch stage speed-up over the token stage: {speedup:.2f}x (ideal K = {patch['K']})")
+    log(f"whole run --k {patch['K']} --lam {lam:.3g}: wall time {ratio:.3f} of token-level training "
+        f"of the same tokens (predicted lam/K + 1 - lam = {P.cost_factor(patch['K'], lam):.3f})")
+    return {"device": name, "rows": rows, "speedup": speedup, "run_ratio": ratio}
+
+
+def main(argv=None):
+    p = P.build_parser()
+    p.description = "Time patchgpt's training step per stage (see the docstring)."
+    p.add_argument("--warmup_steps", type=int, default=3, help="untimed optimizer steps per stage")
+    p.add_argument("--timed_steps", type=int, default=10, help="timed optimizer steps per stage")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    args = p.parse_args(argv)
+    try:
+        mc, tc, ks, lams = P.configs_from_args(args)
+        if tc.k < 2 or tc.lam == 0:
+            raise P.UserError("bench compares the patch stage with the token stage: use --k >= 2 and --lam > 0")
+        P.ensure_default_data(tc)
+        result = bench(mc, tc, args.warmup_steps, args.timed_steps)
+    except P.UserError as e:
+        P.die(str(e))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
