@@ -20,6 +20,7 @@ Usage (run `python prepare_data.py` first, or let the default run prepare Tiny S
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -269,11 +270,15 @@ def load_tokens(path, vocab_size):
     return data
 
 
+def data_paths(tc):
+    return os.path.join(tc.data_dir, "train.bin"), tc.val_bin or os.path.join(tc.data_dir, "val.bin")
+
+
 def data_fingerprint(data):
     """Identify a token file by content, cheaply: its length and a hash of a few slices."""
     n = len(data)
     picks = np.concatenate([data[i : i + 4096] for i in (0, n // 2, max(0, n - 4096))])
-    return f"{n}:{int(np.frombuffer(picks.tobytes(), dtype=np.uint8).astype(np.uint64).sum()):x}"
+    return f"{n}:{hashlib.sha1(picks.tobytes()).hexdigest()[:16]}"
 
 
 def batch_starts(rng, n_tokens, K, block_size, n):
@@ -317,7 +322,7 @@ def plan_stages(tc, block_size, world_size=1):
     sequence holds K*block_size tokens, so a patch step has 1/K of the sequences of a token
     step and costs about 1/K of the compute. With several processes the tokens per step stay
     the same and each process does its share of the micro-steps."""
-    K = tc.k if tc.lam > 0 else 1
+    K, _ = effective_k_lam(tc)
     rows = tc.batch_size * tc.grad_accum  # token-level sequences per optimizer step, all processes
     tokens_per_step = rows * block_size
     total_steps = max(1, round(tc.tokens / tokens_per_step))
@@ -339,6 +344,11 @@ def plan_stages(tc, block_size, world_size=1):
     return plan
 
 
+def effective_k_lam(tc):
+    """(K, lam) as trained: K=1 or lam=0 both mean the token-level baseline."""
+    return (tc.k, tc.lam) if tc.k > 1 and tc.lam > 0 else (1, 0.0)
+
+
 def cost_factor(K, lam):
     """Compute of patch-level training relative to token-level training on the same tokens."""
     return lam / K + 1 - lam
@@ -348,7 +358,7 @@ def get_lr(step, total_steps, tc):
     """Linear warmup, then cosine decay from lr to min_lr at the last step."""
     if step < tc.warmup_iters:
         return tc.lr * (step + 1) / (tc.warmup_iters + 1)
-    progress = (step - tc.warmup_iters) / max(1, total_steps - tc.warmup_iters)
+    progress = (step - tc.warmup_iters) / max(1, total_steps - 1 - tc.warmup_iters)
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (tc.lr - tc.min_lr)
 
 
@@ -359,14 +369,14 @@ def estimate_loss(model, data, starts, K, block_size, batch_size, device, ctx):
     and baselines are compared on."""
     was_training = model.training
     model.eval()
-    losses = []
+    total = 0.0
     for i in range(0, len(starts), batch_size):
         x, y = get_batch(data, starts[i : i + batch_size], K, block_size, device)
         with ctx:
             _, loss = model(x, y, patch_size=K)
-        losses.append(loss.float())
+        total += loss.float() * len(x)  # weighted by rows: a short last batch counts as much as it holds
     model.train(was_training)
-    return torch.stack(losses).mean().item()
+    return (total / len(starts)).item()
 
 
 def atomic_save(obj, path):
@@ -402,16 +412,21 @@ def load_checkpoint(path):
     return ckpt
 
 
-def run_identity(mc, tc, train_fp):
-    """What a resumed run must share with the checkpoint it continues."""
+def run_identity(mc, tc, train_fp, val_fp):
+    """What a resumed run must share with the checkpoint it continues: everything that changes
+    the weights or the evaluation (not logging, device or eval_interval)."""
     return {
         "model": asdict(mc),
         "k": tc.k,
         "lam": tc.lam,
         "tokens": tc.tokens,
         "batch": [tc.batch_size, tc.grad_accum],
-        "schedule": tc.schedule,
+        "optimizer": [tc.lr, tc.min_lr, tc.warmup_iters, tc.schedule, tc.weight_decay, tc.beta1, tc.beta2,
+                      tc.grad_clip],
+        "seed": tc.seed,
+        "eval_iters": tc.eval_iters,
         "train_data": train_fp,
+        "val_data": val_fp,
     }
 
 
@@ -445,9 +460,9 @@ class Run:
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group(backend="nccl" if self.device.startswith("cuda") else "gloo")
-        self.device_type = "cuda" if self.device.startswith("cuda") else self.device
-        dtype = tc.dtype if tc.dtype != "auto" else ("bfloat16" if self.device_type == "cuda" else "float32")
-        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.device_type = self.device.split(":")[0]  # cuda, mps or cpu
+        self.dtype = tc.dtype if tc.dtype != "auto" else ("bfloat16" if self.device_type == "cuda" else "float32")
+        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
         self.ctx = (nullcontext() if ptdtype == torch.float32
                     else torch.autocast(device_type=self.device_type, dtype=ptdtype))
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=(ptdtype == torch.float16))
@@ -456,8 +471,7 @@ class Run:
             torch.backends.cudnn.allow_tf32 = True
 
         self.stages = plan_stages(tc, mc.block_size, self.world)
-        self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), mc.vocab_size)
-        self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), mc.vocab_size)
+        self.train_data, self.val_data = (load_tokens(p, mc.vocab_size) for p in data_paths(tc))
         for name, data in (("train", self.train_data), ("val", self.val_data)):
             need = (mc.block_size + 1) * max(s.K for s in self.stages)
             if len(data) < need:
@@ -474,7 +488,8 @@ class Run:
         self.raw_model = GPT(mc).to(self.device)
         self.model = self.raw_model
         if tc.compile:
-            self.model = torch.compile(self.model)
+            # static shapes: one graph per stage (K*T tokens, then T), instead of a slower dynamic one
+            self.model = torch.compile(self.model, dynamic=False)
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -487,7 +502,7 @@ class Run:
         self.tokens_seen = 0
         self.history = []  # one dict per evaluation
         self.train_time = [0.0] * len(self.stages)  # seconds spent in training steps, per stage
-        self.identity = run_identity(mc, tc, data_fingerprint(self.train_data))
+        self.identity = run_identity(mc, tc, data_fingerprint(self.train_data), data_fingerprint(self.val_data))
         self.ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
         self.stop_requested = False
 
@@ -508,6 +523,8 @@ class Run:
             "train_time": self.train_time,
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device_type == "cuda" else None,
+            "scaler": self.scaler.state_dict(),
         }
 
     def save(self):
@@ -521,6 +538,10 @@ class Run:
         self.history, self.train_time = ckpt["history"], ckpt["train_time"]
         self.rng.bit_generator.state = ckpt["rng"]
         torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] is not None and self.device_type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
         if ckpt["optimizer"] is not None:
             self.optimizer = self.raw_model.configure_optimizer(self.tc, self.device_type)
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -528,6 +549,8 @@ class Run:
     # ---- evaluation
 
     def evaluate(self, stage):
+        """Token-level (and, in the patch stage, patch-level) val loss of the uncompiled model:
+        eval shapes differ from training shapes, and a compiled graph per shape is not worth it."""
         mc, tc = self.mc, self.tc
         args = (mc.block_size, tc.batch_size, self.device, self.ctx)
         rec = {"stage": stage.name, "step": self.step, "tokens": self.tokens_seen,
@@ -555,10 +578,17 @@ class Run:
 
 
 def write_jsonl(path, records):
-    tmp = path + ".tmp"
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path, text):
+    tmp = path + ".tmp"  # written whole, then renamed: readers never see half a file
     with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -576,14 +606,20 @@ class TrainingDiverged(Exception):
     pass
 
 
-def check_finite(losses, first_step, stage):
-    """Losses are checked in batches (at log time) so the GPU is not synced every step."""
+def check_finite(run, losses, first_step, stage):
+    """Losses are checked in batches (at log time, before every save) so the GPU is not synced
+    every step. Under DDP every process learns whether any of them saw a bad loss, so all stop."""
     vals = torch.stack(losses).float().cpu()
     bad = (~torch.isfinite(vals)).nonzero()
-    if len(bad):
-        step = first_step + int(bad[0])
-        raise TrainingDiverged(f"loss is {vals[bad[0]].item()} at {stage.name} stage step {step}; "
-                               "stopped without saving, the last good checkpoint is kept "
+    any_bad = len(bad) > 0
+    if run.ddp:
+        flag = torch.tensor([float(any_bad)], device=run.device)
+        torch.distributed.all_reduce(flag)
+        any_bad = flag.item() > 0
+    if any_bad:
+        where = (f"loss is {vals[bad[0]].item()} at {stage.name} stage step {first_step + int(bad[0]) + 1}"
+                 if len(bad) else f"another process saw a non-finite loss in the {stage.name} stage")
+        raise TrainingDiverged(f"{where}; stopped without saving, the last good checkpoint is kept "
                                "(try a lower --lr)")
 
 
@@ -629,6 +665,9 @@ def run_stage(run, stage):
     while run.step < stage.steps:
         if run.step % tc.eval_interval == 0 and not run.evaluated(stage):
             clock.pause()
+            if losses:  # never checkpoint weights that a bad loss has already touched
+                check_finite(run, losses, first, stage)
+                losses, first = [], run.step
             if run.master:
                 run.evaluate(stage)
                 run.save()
@@ -639,7 +678,7 @@ def run_stage(run, stage):
         run.tokens_seen += stage.tokens_per_step
         last = run.step == stage.steps
         if run.step % tc.log_interval == 0 or last or (run.stop_requested and not run.ddp):
-            check_finite(losses, first, stage)  # the one host sync per log interval
+            check_finite(run, losses, first, stage)  # the one host sync per log interval
             tok_s = clock.tokens_per_sec()
             if run.master:
                 run.log(f"{stage.name} K={stage.K} step {run.step}/{stage.steps} | tokens "
@@ -676,7 +715,7 @@ class StageClock:
 
     def sync(self):
         if self.run.device_type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.run.device)
 
     def pause(self):
         self.sync()
@@ -728,7 +767,7 @@ def summarize(run):
                      "flops": positions * per_pos, "time": secs, "tok_s": s.tokens / max(secs, 1e-9)})
     total = {key: sum(r[key] for r in rows) for key in ("tokens", "steps", "positions", "flops", "time")}
     total["tok_s"] = total["tokens"] / max(total["time"], 1e-9)
-    K, lam = run.stages[0].K, run.tc.lam if run.stages[0].K > 1 else 0.0
+    K, lam = effective_k_lam(run.tc)
     # a token-level run of the same tokens, timed at this run's own token-stage speed
     token_time = total["tokens"] / rows[-1]["tok_s"]
     final = run.history[-1] if run.history else {}
@@ -738,7 +777,7 @@ def summarize(run):
         "flops_ratio": total["flops"] / (total["tokens"] * per_pos),
         "measured_cost": total["time"] / token_time,
         "val_loss": final.get("val_loss"), "history": run.history,
-        "params": run.raw_model.num_params(), "model": asdict(run.mc),
+        "params": run.raw_model.num_params(), "model": asdict(run.mc), "identity": run.identity,
     }
 
 
@@ -769,9 +808,11 @@ def train(mc, tc, log=say):
     run.log = master_log
     if run.master:
         os.makedirs(tc.out_dir, exist_ok=True)
-        if ckpt is None:  # a fresh run must not inherit an old eval log
+        if ckpt is None:  # a fresh run must not inherit an old eval log or summary
             write_jsonl(os.path.join(tc.out_dir, "log.jsonl"), [])
-    K, lam = run.stages[0].K, (tc.lam if run.stages[0].K > 1 else 0.0)
+            if os.path.exists(os.path.join(tc.out_dir, "summary.json")):
+                os.remove(os.path.join(tc.out_dir, "summary.json"))
+    K, lam = effective_k_lam(tc)
     master_log(f"model: {run.raw_model.num_params(False) / 1e6:.2f}M parameters "
                f"({run.raw_model.num_params() / 1e6:.2f}M without the position table) | device {run.device}"
                f"{f' x {run.world} processes' if run.ddp else ''}")
@@ -784,7 +825,7 @@ def train(mc, tc, log=say):
                    f"{fmt_count(run.tokens_seen)} tokens seen")
 
     def on_sigint(signum, frame):
-        if run.stop_requested:  # a second Ctrl-C stops at once
+        if run.stop_requested and not run.ddp:  # a second Ctrl-C stops at once (torchrun sends two)
             raise KeyboardInterrupt
         run.stop_requested = True
         master_log("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)")
@@ -799,8 +840,7 @@ def train(mc, tc, log=say):
             signal.signal(signal.SIGINT, old)
     summary = summarize(run)
     if run.master:
-        with open(os.path.join(tc.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json(os.path.join(tc.out_dir, "summary.json"), summary)
         print_summary(summary, master_log)
     return summary
 
@@ -827,24 +867,32 @@ def compare(mc, tc, ks, lams, log=say):
     results = []
     for name, K, lam, tokens in plan:
         out = os.path.join(root, name)
-        done = os.path.join(out, "summary.json")
-        if tc.resume and os.path.exists(done):
-            log(f"== {name}: finished earlier, reading {done}")
-            with open(done) as f:
-                summary = json.load(f)
+        sub = replace(tc, k=K, lam=lam, tokens=tokens, out_dir=out)
+        summary = finished_summary(mc, sub) if tc.resume else None
+        if summary is not None:
+            log(f"== {name}: finished earlier, reusing {out}/summary.json")
         else:
             log(f"== {name}: K={K} lam={lam:g} tokens={fmt_count(tokens)}")
             resume = tc.resume and os.path.exists(os.path.join(out, "ckpt.pt"))
-            sub = replace(tc, k=K, lam=lam, tokens=tokens, out_dir=out, resume=resume, overwrite=True)
-            summary = train(mc, sub, log)
+            summary = train(mc, replace(sub, resume=resume), log)
         results.append({"name": name, "k": K, "lam": lam, "tokens": tokens, "summary": summary})
     table = compare_table(results)
     for line in table:
         log(line)
-    with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump({"model": asdict(mc), "train": asdict(tc), "results": results}, f, indent=1)
+    write_json(os.path.join(root, "results.json"), {"model": asdict(mc), "train": asdict(tc), "results": results})
     plot_compare(results, os.path.join(root, "compare.png"), log)
     return results
+
+
+def finished_summary(mc, tc):
+    """The summary of a finished run in tc.out_dir made with exactly these settings, else None."""
+    path = os.path.join(tc.out_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    data = [load_tokens(p, mc.vocab_size) for p in data_paths(tc)]
+    return summary if summary.get("identity") == run_identity(mc, tc, *map(data_fingerprint, data)) else None
 
 
 def compare_table(results):
@@ -910,9 +958,10 @@ def sample(out_dir, prompt, num_samples, max_new_tokens, temperature, top_k, dev
     model.load_state_dict(ckpt["model"])
     device = pick_device(device)
     model.to(device).eval()
-    n_stages = len(plan_stages(TrainConfig(**ckpt["train_config"]), mc.block_size))
-    if ckpt["stage_idx"] < n_stages - 1:
-        log("note: this checkpoint is from the patch stage; it has not learned single-token prediction yet")
+    two_stage = len(plan_stages(TrainConfig(**ckpt["train_config"]), mc.block_size)) == 2
+    no_token_steps = ckpt["stage_idx"] == 0 or (ckpt["stage_idx"] == 1 and ckpt["step"] == 0)
+    if two_stage and no_token_steps:
+        log("note: this checkpoint has had no token-level training yet; expect poor samples")
     enc = get_encoder()
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]
     torch.manual_seed(seed)
@@ -958,7 +1007,7 @@ def parse_list(text, kind, name):
 
 def parse_k(text):
     ks = parse_list(text, float, "k")
-    if any(k != int(k) or k < 1 for k in ks):
+    if any(not math.isfinite(k) or k != int(k) or k < 1 for k in ks):
         raise UserError(f"--k must be a whole number >= 1 (the tokens per patch), got {text}")
     return [int(k) for k in ks]
 
@@ -969,7 +1018,7 @@ def parse_lam(text):
         if lam == 1:
             raise UserError("--lam 1 would leave no token-level stage, so the model would never learn "
                             "single-token prediction; use lam < 1 (the paper uses 2/3)")
-        if not 0 <= lam < 1:
+        if not 0 <= lam < 1:  # also refuses nan
             raise UserError(f"--lam is the fraction of tokens trained at patch level: 0 <= lam < 1, got {lam}")
     return lams
 
@@ -1030,7 +1079,7 @@ def configs_from_args(args):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.n_embd % args.n_head:
         raise UserError(f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
-    if not args.tokens >= 1:
+    if not 1 <= args.tokens < float("inf"):
         raise UserError(f"--tokens must be positive, got {args.tokens:g}")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr:g}")
@@ -1060,11 +1109,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.sample:
+            if not (args.temperature > 0 and args.top_k >= 1 and args.num_samples >= 1 and args.max_new_tokens >= 0):
+                raise UserError("--sample needs --temperature > 0, --top_k >= 1, --num_samples >= 1, --max_new_tokens >= 0")
             sample(args.out_dir or "out/k4_lam0.67", args.prompt, args.num_samples, args.max_new_tokens,
                    args.temperature, args.top_k, args.device, args.seed)
             return
         mc, tc, ks, lams = configs_from_args(args)
         ensure_default_data(tc)
+        if args.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--compare runs one process; launch it without torchrun")
         if args.compare:
             compare(mc, tc, ks, lams)
         else:

@@ -192,11 +192,11 @@ def test_plan_splits_micro_steps_across_processes():
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
     tc = P.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10)
-    lrs = [P.get_lr(s, 100, tc) for s in range(101)]
+    lrs = [P.get_lr(s, 100, tc) for s in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
     assert lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[100] == pytest.approx(1e-4)
+    assert lrs[99] == pytest.approx(1e-4)  # the last step trains at min_lr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +239,12 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
             P.train(TINY, replace(tc, resume=True, **change), log=lambda *a: None)
     with pytest.raises(P.UserError, match="model="):
         P.train(replace(TINY, n_embd=64), replace(tc, resume=True), log=lambda *a: None)
+    other = tmp_path / "other_data"  # the same tokens in another order: other data all the same
+    other.mkdir()
+    np.fromfile(data_dir / "train.bin", dtype=np.uint16)[::-1].tofile(other / "train.bin")
+    (other / "val.bin").write_bytes((data_dir / "val.bin").read_bytes())
+    with pytest.raises(P.UserError, match="train_data="):
+        P.train(TINY, replace(tc, resume=True, data_dir=str(other)), log=lambda *a: None)
     P.train(TINY, replace(tc, resume=True, tokens=16 * 16 * 8, allow_budget_change=True), log=lambda *a: None)
 
 
@@ -261,7 +267,7 @@ def test_divergence_stops_with_a_message_naming_the_step(data_dir, tmp_path):
     os.makedirs(out)
     with torch.no_grad():
         run.raw_model.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(P.TrainingDiverged, match="patch stage step 0"):
+    with pytest.raises(P.TrainingDiverged, match="patch stage step 1;"):
         P.run_stage(run, run.stages[0])
 
 
@@ -455,6 +461,13 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     assert float(row.split()[4]) == pytest.approx(0.625, rel=0.05)  # the table's FLOPs column
     with open(tmp_path / "cmp" / "results.json") as f:
         assert [r["name"] for r in json.load(f)["results"]] == names
+    # again into the same folder: refused without --resume; with it, the finished runs are reused
+    with pytest.raises(P.UserError, match="already holds a run"):
+        P.compare(TINY, tc, [2], [0.5], log=lambda *a: None)
+    lines = []
+    again = P.compare(TINY, replace(tc, resume=True), [2, 4], [0.5], log=lines.append)
+    assert sum("finished earlier" in line for line in lines) == 5
+    assert [r["summary"]["val_loss"] for r in again] == [r["summary"]["val_loss"] for r in results]
 
 
 # ---------------------------------------------------------------------------------------------
