@@ -83,7 +83,7 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=P.say):
     token, patch = rows[0], rows[-1]
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
     log(f"device {name} | {mc.n_layer} layers, {mc.n_embd} wide, block {mc.block_size} | "
-        f"{run.raw_model.num_params() / 1e6:.1f}M params | dtype {tc.dtype} | compile {tc.compile}")
+        f"{run.raw_model.num_params() / 1e6:.1f}M params | dtype {run.dtype} | compile {tc.compile}")
     log(f"{'stage':<7}{'K':>3}{'tokens/step':>13}{'ms/step':>10}{'tokens/s':>11}{'MFU':>7}{'peak mem':>10}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
@@ -107,6 +107,7 @@ def main(argv=None):
     p.add_argument("--timed_steps", type=int, default=10, help="timed optimizer steps per stage")
     p.add_argument("--json", default="", help="also write the results to this file")
     args = p.parse_args(argv)
+    P.keep_freed_memory()  # as patchgpt.py's main() does, so the numbers match training
     try:
         mc, tc, ks, lams = P.configs_from_args(args)
         if tc.k < 2 or tc.lam == 0:

@@ -20,6 +20,7 @@ Usage (run `python prepare_data.py` first, or let the default run prepare Tiny S
 """
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
@@ -434,10 +435,12 @@ def check_identity(saved, now, allow_budget_change):
     for key in now:
         if key == "tokens" and allow_budget_change:
             continue
-        if saved.get(key) != now[key]:
+        was, new = saved.get(key), now[key]
+        if was != new:
+            if isinstance(was, dict) and isinstance(new, dict):  # name the one field that differs
+                key, was, new = next((f"{key}.{k}", was.get(k), v) for k, v in new.items() if was.get(k) != v)
             hint = " (pass --allow_budget_change to accept)" if key == "tokens" else ""
-            raise UserError(f"checkpoint was made with {key}={saved.get(key)}, "
-                            f"this command has {key}={now[key]}{hint}")
+            raise UserError(f"checkpoint was made with {key}={was}, this command has {key}={new}{hint}")
 
 
 class Run:
@@ -993,6 +996,18 @@ class Parser(argparse.ArgumentParser):
         die(message)
 
 
+def keep_freed_memory():
+    """CPU speed-up, 1.4x to 1.8x for the default model on 2 cores (bench.py): glibc hands every
+    block over 32 MB (the logits are 200 MB) back to the OS when it is freed, so each step pays page
+    faults to get it again. Keeping such blocks on the heap lets the next step reuse them."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, Windows): nothing to do
+    libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: serve large blocks from the heap, not from fresh mmaps
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap after each step
+
+
 def die(msg):
     print(f"patchgpt: error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -1107,6 +1122,7 @@ def ensure_default_data(tc):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         if args.sample:
             if not (args.temperature > 0 and args.top_k >= 1 and args.num_samples >= 1 and args.max_new_tokens >= 0):

@@ -237,7 +237,7 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
     for change, name in ((dict(k=4), "k="), (dict(lam=0.25), "lam="), (dict(tokens=16 * 16 * 8), "tokens=")):
         with pytest.raises(P.UserError, match=name):
             P.train(TINY, replace(tc, resume=True, **change), log=lambda *a: None)
-    with pytest.raises(P.UserError, match="model="):
+    with pytest.raises(P.UserError, match="model.n_embd=32, this command has model.n_embd=64"):
         P.train(replace(TINY, n_embd=64), replace(tc, resume=True), log=lambda *a: None)
     other = tmp_path / "other_data"  # the same tokens in another order: other data all the same
     other.mkdir()
