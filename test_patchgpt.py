@@ -529,3 +529,14 @@ def test_bench_times_both_stages(data_dir):
     assert result["speedup"] == pytest.approx(patch["tok_s"] / token["tok_s"])
     assert result["run_ratio"] == pytest.approx(0.5 * token["tok_s"] / patch["tok_s"] + 0.5)
     assert any(line.startswith("whole run --k 4") for line in lines)
+
+
+def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
+    other_val = tmp_path / "other_val.bin"
+    np.fromfile(data_dir / "train.bin", dtype=np.uint16)[:4000].tofile(other_val)  # a different text
+    tc = tiny_train_config(data_dir, tmp_path / "a", tokens=16 * 16 * 4)
+    own = P.train(TINY, tc, log=lambda *a: None)
+    sep = P.train(TINY, replace(tc, out_dir=str(tmp_path / "b"), val_bin=str(other_val)), log=lambda *a: None)
+    run = P.Run(TINY, replace(tc, val_bin=str(other_val)), log=lambda *a: None)
+    assert len(run.val_data) == 4000
+    assert sep["val_loss"] != own["val_loss"]  # same weights (same seed), another evaluation set
