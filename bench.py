@@ -45,24 +45,19 @@ def peak_flops(device):
     return None
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def time_stage(run, stage, warmup_steps, timed_steps):
     """Mean seconds per optimizer step after warm-up, and the peak GPU memory of the timed steps."""
     run.optimizer = run.raw_model.configure_optimizer(run.tc, run.device_type)
     run.model.train()
     for _ in range(warmup_steps):  # the first steps compile kernels and grow the caching allocator
         P.train_step(run, stage, run.tc.lr)
-    sync(run.device)
+    P.sync_device(run.device)
     if run.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     t0 = time.perf_counter()
     for _ in range(timed_steps):
         P.train_step(run, stage, run.tc.lr)
-    sync(run.device)
+    P.sync_device(run.device)
     secs = (time.perf_counter() - t0) / timed_steps
     peak = torch.cuda.max_memory_allocated(run.device) if run.device_type == "cuda" else None
     return secs, peak

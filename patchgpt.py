@@ -707,6 +707,12 @@ def run_stage(run, stage):
     run.save()
 
 
+def sync_device(device):
+    """Wait for queued GPU work, so wall-clock timings measure the work itself."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 class StageClock:
     """Wall time of training steps only (evaluation and checkpoints excluded), added to
     run.train_time so that throughput and cost ratios compare like with like."""
@@ -717,8 +723,7 @@ class StageClock:
         self.tokens = run.tokens_seen
 
     def sync(self):
-        if self.run.device_type == "cuda":
-            torch.cuda.synchronize(self.run.device)
+        sync_device(self.run.device)
 
     def pause(self):
         self.sync()
