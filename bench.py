@@ -6,6 +6,10 @@ steps of each stage after warm-up (synchronizing the GPU around the timed steps)
 tokens/s, ms/step, model FLOPs utilization and peak memory, then the wall time a whole
 `--k K --lam lam` run would take relative to token-level training of the same tokens.
 
+Peak memory is the most tensor memory alive during one optimizer step (weights, optimizer state,
+gradients, activations, logits): torch.cuda.max_memory_allocated() on a GPU, and on other devices
+a count of tensor storages kept by PeakTensorMemory below during one extra, untimed, eager step.
+
 Usage (takes every patchgpt.py flag, plus --warmup_steps and --timed_steps):
   CPU, the default model:   python bench.py --k 4
   one GPU, GPT-2 124M:      python bench.py --device cuda --compile --k 4 --lam 0.67 \\
@@ -15,8 +19,12 @@ Usage (takes every patchgpt.py flag, plus --warmup_steps and --timed_steps):
 import json
 import sys
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 import patchgpt as P
 
@@ -45,8 +53,50 @@ def peak_flops(device):
     return None
 
 
+class PeakTensorMemory(TorchDispatchMode):
+    """Counts the bytes of every tensor storage that an operation creates while the context is
+    open, takes them off again when Python frees the storage, and keeps the peak: what
+    torch.cuda.max_memory_allocated() reports on a GPU, for devices that have no such counter.
+    `known` tensors (weights, optimizer state) exist before the step and count from the start."""
+
+    def __init__(self, known=()):
+        super().__init__()
+        self.seen = WeakIdKeyDictionary()  # storages already counted; views share their base's
+        self.now = 0
+        for t in known:
+            self._count(t.untyped_storage())
+        self.peak = self.now
+
+    def _count(self, storage):
+        if storage not in self.seen:
+            self.seen[storage] = True
+            self.now += storage.nbytes()
+            weakref.finalize(storage, self._uncount, storage.nbytes())
+
+    def _uncount(self, nbytes):
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._count(t.untyped_storage())
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def step_memory(run, stage):
+    """Peak tensor bytes of one eager optimizer step, counted by PeakTensorMemory."""
+    compiled, run.model = run.model, run.raw_model  # a compiled graph hides its ops from the counter
+    state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    with PeakTensorMemory(list(run.raw_model.parameters()) + state) as mem:
+        P.train_step(run, stage, run.tc.lr)
+    run.model = compiled
+    return mem.peak
+
+
 def time_stage(run, stage, warmup_steps, timed_steps):
-    """Mean seconds per optimizer step after warm-up, and the peak GPU memory of the timed steps."""
+    """Mean seconds per optimizer step after warm-up, and the peak memory of a step."""
     run.optimizer = run.raw_model.configure_optimizer(run.tc, run.device_type)
     run.model.train()
     for _ in range(warmup_steps):  # the first steps compile kernels and grow the caching allocator
@@ -59,7 +109,10 @@ def time_stage(run, stage, warmup_steps, timed_steps):
         P.train_step(run, stage, run.tc.lr)
     P.sync_device(run.device)
     secs = (time.perf_counter() - t0) / timed_steps
-    peak = torch.cuda.max_memory_allocated(run.device) if run.device_type == "cuda" else None
+    if run.device_type == "cuda":
+        peak = torch.cuda.max_memory_allocated(run.device)
+    else:
+        peak = step_memory(run, stage)
     return secs, peak
 
 
@@ -74,7 +127,7 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=P.say):
         rows.append({"stage": stage.name, "K": stage.K, "tokens_per_step": stage.tokens_per_step,
                      "ms_per_step": 1e3 * secs, "tok_s": stage.tokens_per_step / secs,
                      "mfu": positions * per_pos / secs / peak if peak else None,
-                     "peak_mem_gb": mem / 2**30 if mem is not None else None})
+                     "peak_mem_gb": mem / 2**30})
     token, patch = rows[0], rows[-1]
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
     log(f"device {name} | {mc.n_layer} layers, {mc.n_embd} wide, block {mc.block_size} | "
@@ -82,14 +135,15 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=P.say):
     log(f"{'stage':<7}{'K':>3}{'tokens/step':>13}{'ms/step':>10}{'tokens/s':>11}{'MFU':>7}{'peak mem':>10}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        mem = f"{r['peak_mem_gb']:.2f}G" if r["peak_mem_gb"] is not None else "-"
+        mem = f"{r['peak_mem_gb']:.2f}G"
         log(f"{r['stage']:<7}{r['K']:>3}{r['tokens_per_step']:>13}{r['ms_per_step']:>10.1f}"
             f"{P.fmt_count(r['tok_s']):>11}{mfu:>7}{mem:>10}")
     speedup = patch["tok_s"] / token["tok_s"]
     lam = tc.lam
     # a whole run: lam of the tokens at the patch stage's speed, the rest at the token stage's
     ratio = lam * token["tok_s"] / patch["tok_s"] + 1 - lam
-    log(f"patch stage speed-up over the token stage: {speedup:.2f}x (ideal K = {patch['K']})")
+    log(f"patch stage speed-up over the token stage: {speedup:.2f}x (ideal K = {patch['K']}); "
+        f"peak memory {patch['peak_mem_gb'] / token['peak_mem_gb']:.2f}x the token stage's")
     log(f"whole run --k {patch['K']} --lam {lam:.3g}: wall time {ratio:.3f} of token-level training "
         f"of the same tokens (predicted lam/K + 1 - lam = {P.cost_factor(patch['K'], lam):.3f})")
     return {"device": name, "rows": rows, "speedup": speedup, "run_ratio": ratio}

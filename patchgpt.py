@@ -413,7 +413,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-def run_identity(mc, tc, train_fp, val_fp):
+def run_identity(mc, tc, train_data, val_data):
     """What a resumed run must share with the checkpoint it continues: everything that changes
     the weights or the evaluation (not logging, device or eval_interval)."""
     return {
@@ -426,8 +426,8 @@ def run_identity(mc, tc, train_fp, val_fp):
                       tc.grad_clip],
         "seed": tc.seed,
         "eval_iters": tc.eval_iters,
-        "train_data": train_fp,
-        "val_data": val_fp,
+        "train_data": data_fingerprint(train_data),
+        "val_data": data_fingerprint(val_data),
     }
 
 
@@ -505,7 +505,7 @@ class Run:
         self.tokens_seen = 0
         self.history = []  # one dict per evaluation
         self.train_time = [0.0] * len(self.stages)  # seconds spent in training steps, per stage
-        self.identity = run_identity(mc, tc, data_fingerprint(self.train_data), data_fingerprint(self.val_data))
+        self.identity = run_identity(mc, tc, self.train_data, self.val_data)
         self.ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
         self.stop_requested = False
 
@@ -899,8 +899,8 @@ def finished_summary(mc, tc):
         return None
     with open(path) as f:
         summary = json.load(f)
-    data = [load_tokens(p, mc.vocab_size) for p in data_paths(tc)]
-    return summary if summary.get("identity") == run_identity(mc, tc, *map(data_fingerprint, data)) else None
+    identity = run_identity(mc, tc, *(load_tokens(p, mc.vocab_size) for p in data_paths(tc)))
+    return summary if summary.get("identity") == identity else None
 
 
 def compare_table(results):

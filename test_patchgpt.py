@@ -516,6 +516,45 @@ def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
 # the benchmark's plumbing (its numbers are measurements, printed, never asserted as targets)
 
 
+def test_peak_tensor_memory_counts_live_storages_once():
+    from bench import PeakTensorMemory
+
+    w = torch.zeros(100, 100)
+    with PeakTensorMemory(known=[w]) as mem:
+        a = torch.ones(1000, 1000)  # 4 MB
+        view = a[:10].t()  # a view: no new storage
+        b = a * 2  # 4 MB more
+        del a, view
+        c = b + 1  # a's storage is gone: 8 MB alive again, the peak stays where it was
+        del b
+    assert mem.peak == w.nbytes + 2 * c.nbytes
+    assert mem.now == w.nbytes + c.nbytes
+
+
+def test_next_patch_loss_never_copies_the_logits_k_times():
+    """Peak memory of the loss and its backward at K=4 is that of K=1 on the same logits; a loss that
+    repeated each row K times (the naive way to score K targets) would be seen as K times bigger."""
+    from bench import PeakTensorMemory
+
+    B, T, V, K = 2, 8, 5000, 4
+
+    def peak(loss_fn, n_targets):
+        logits = torch.randn(B, T, V, requires_grad=True)
+        targets = torch.randint(0, V, (B, T * n_targets))
+        with PeakTensorMemory(known=[logits]) as mem:
+            loss_fn(logits, targets).backward()
+        return mem.peak
+
+    def repeated(logits, targets):  # the naive version, to show the measurement would catch it
+        rows = logits.repeat_interleave(K, dim=1).reshape(-1, V)
+        return F.cross_entropy(rows, targets.reshape(-1))
+
+    token_step = peak(lambda lg, tg: P.next_patch_loss(lg, tg, 1), 1)
+    patch_step = peak(lambda lg, tg: P.next_patch_loss(lg, tg, K), K)
+    assert patch_step <= 1.05 * token_step
+    assert peak(repeated, K) > 2 * token_step
+
+
 def test_bench_times_both_stages(data_dir):
     import bench
 
@@ -526,6 +565,9 @@ def test_bench_times_both_stages(data_dir):
     assert (token["K"], patch["K"]) == (1, 4)
     assert token["tokens_per_step"] == patch["tokens_per_step"] == 8 * 2 * 16
     assert all(r["tok_s"] > 0 and r["ms_per_step"] > 0 for r in result["rows"])
+    # weights, AdamW's two moments and the gradients are alive at the peak, activations on top
+    weights = sum(p.numel() * 4 for p in P.GPT(TINY).parameters()) / 2**30
+    assert all(r["peak_mem_gb"] > 4 * weights for r in result["rows"])
     assert result["speedup"] == pytest.approx(patch["tok_s"] / token["tok_s"])
     assert result["run_ratio"] == pytest.approx(0.5 * token["tok_s"] / patch["tok_s"] + 0.5)
     assert any(line.startswith("whole run --k 4") for line in lines)
