@@ -573,6 +573,20 @@ def test_bench_times_both_stages(data_dir):
     assert any(line.startswith("whole run --k 4") for line in lines)
 
 
+def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
+    """bench_gpu.sh is meant for a short loan of a GPU, where a typo costs the loan: dry-run it."""
+    env = dict(os.environ, DEVICE="cpu", COMPILE="", DATA=str(data_dir), TOKENS="8192", OUT=str(tmp_path / "out"),
+               RUNS=str(tmp_path / "runs"), SHAPE="--n_layer 1 --n_head 2 --n_embd 32 --block_size 16",
+               BATCH="--batch_size 8 --grad_accum 2")
+    proc = run_cli(["bash", os.path.join(HERE, "bench_gpu.sh")], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["bench.json", "bench.txt", "env.txt", "k1.txt", "k4.txt",
+                                                     "whole_run.txt"]
+    bench_rows = json.load(open(tmp_path / "out" / "bench.json"))["rows"]
+    assert [r["K"] for r in bench_rows] == [1, 4]
+    assert "-> ratio" in (tmp_path / "out" / "whole_run.txt").read_text()
+
+
 def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
     other_val = tmp_path / "other_val.bin"
     np.fromfile(data_dir / "train.bin", dtype=np.uint16)[:4000].tofile(other_val)  # a different text

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# bench_gpu.sh: the GPU numbers the README's benchmark section asks for, in one call of about five
+# minutes on one H100/H200 (sized for the `device` tool's runs, which give ~8 minutes a call):
+#   1. bench.py at the GPT-2 124M shape (block 1024, bf16 autocast, --compile): tokens/s, ms/step, MFU
+#      and peak memory of the token stage (K=1) and the patch stage (K=4), and the whole-run ratio
+#      those speeds imply;
+#   2. two real runs of the same tokens, token level and --k 4 --lam 0.67, eager (compile time would
+#      swamp runs this short), and the ratio of their training times from their summary.json files.
+# Needs data/tinyshakespeare (python prepare_data.py). The printed results go to $OUT (out/gpu_check),
+# six small files; the runs' checkpoints (1.5 GB each at this shape) to $RUNS (out/gpu_check_runs).
+# A dry run on CPU, to check the script itself:
+#   DEVICE=cpu COMPILE= SHAPE="--n_layer 2 --n_head 2 --n_embd 64 --block_size 64" TOKENS=2e5 bash bench_gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-out/gpu_check}
+RUNS=${RUNS:-out/gpu_check_runs}
+DEVICE=${DEVICE:-cuda}
+COMPILE=${COMPILE---compile}
+SHAPE=${SHAPE:---n_layer 12 --n_head 12 --n_embd 768 --block_size 1024}
+BATCH=${BATCH:---batch_size 16 --grad_accum 4}
+TOKENS=${TOKENS:-2e7}
+DATA=${DATA:-data/tinyshakespeare}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+COMMON="--data_dir $DATA --device $DEVICE $SHAPE $BATCH"
+
+{
+  date -u
+  git rev-parse --short HEAD 2>/dev/null || true
+  python -c "import torch; print('torch', torch.__version__, '|',
+             torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+} | tee "$OUT/env.txt"
+
+echo "== 1. steady-state speed and memory per stage"
+python bench.py --k 4 --lam 0.67 $COMMON $COMPILE --json "$OUT/bench.json" | tee "$OUT/bench.txt"
+
+echo "== 2. whole runs of $TOKENS tokens: token level, then --k 4 --lam 0.67"
+for name in k1 k4; do
+  flags="--k 1"
+  [ $name = k4 ] && flags="--k 4 --lam 0.67"
+  python patchgpt.py $flags $COMMON --tokens "$TOKENS" --eval_interval 1000000 --eval_iters 4 \
+    --log_interval 50 --out_dir "$RUNS/$name" --overwrite | tee "$OUT/$name.txt"
+done
+python - "$RUNS" <<'EOF' | tee "$OUT/whole_run.txt"
+import json, sys
+k1, k4 = (json.load(open(f"{sys.argv[1]}/{n}/summary.json")) for n in ("k1", "k4"))
+t1, t4 = k1["total"]["time"], k4["total"]["time"]
+print(f"training time: token level {t1:.1f}s, --k 4 --lam 0.67 {t4:.1f}s -> ratio {t4 / t1:.3f} "
+      f"(predicted {k4['predicted_cost']:.3f}); val loss {k1['val_loss']:.4f} vs {k4['val_loss']:.4f}")
+EOF
