@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bench_gpu.sh: the GPU numbers the README's benchmark section asks for, in one call of about five
-# minutes on one H100/H200 (sized for the `device` tool's runs, which give ~8 minutes a call):
+# bench_gpu.sh: the GPU numbers the README's benchmark section asks for, in one call sized to take
+# about five minutes on one H100/H200 (an estimate: it has only been dry-run on CPU so far):
 #   1. bench.py at the GPT-2 124M shape (block 1024, bf16 autocast, --compile): tokens/s, ms/step, MFU
 #      and peak memory of the token stage (K=1) and the patch stage (K=4), and the whole-run ratio
 #      those speeds imply;
