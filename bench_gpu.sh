@@ -20,6 +20,7 @@ SHAPE=${SHAPE:---n_layer 12 --n_head 12 --n_embd 768 --block_size 1024}
 BATCH=${BATCH:---batch_size 16 --grad_accum 4}
 TOKENS=${TOKENS:-2e7}
 DATA=${DATA:-data/tinyshakespeare}
+PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 COMMON="--data_dir $DATA --device $DEVICE $SHAPE $BATCH"
@@ -27,21 +28,21 @@ COMMON="--data_dir $DATA --device $DEVICE $SHAPE $BATCH"
 {
   date -u
   git rev-parse --short HEAD 2>/dev/null || true
-  python -c "import torch; print('torch', torch.__version__, '|',
+  $PY -c "import torch; print('torch', torch.__version__, '|',
              torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
 } | tee "$OUT/env.txt"
 
 echo "== 1. steady-state speed and memory per stage"
-python bench.py --k 4 --lam 0.67 $COMMON $COMPILE --json "$OUT/bench.json" | tee "$OUT/bench.txt"
+$PY bench.py --k 4 --lam 0.67 $COMMON $COMPILE --json "$OUT/bench.json" | tee "$OUT/bench.txt"
 
 echo "== 2. whole runs of $TOKENS tokens: token level, then --k 4 --lam 0.67"
 for name in k1 k4; do
   flags="--k 1"
   [ $name = k4 ] && flags="--k 4 --lam 0.67"
-  python patchgpt.py $flags $COMMON --tokens "$TOKENS" --eval_interval 1000000 --eval_iters 4 \
+  $PY patchgpt.py $flags $COMMON --tokens "$TOKENS" --eval_interval 1000000 --eval_iters 4 \
     --log_interval 50 --out_dir "$RUNS/$name" --overwrite | tee "$OUT/$name.txt"
 done
-python - "$RUNS" <<'EOF' | tee "$OUT/whole_run.txt"
+$PY - "$RUNS" <<'EOF' | tee "$OUT/whole_run.txt"
 import json, sys
 k1, k4 = (json.load(open(f"{sys.argv[1]}/{n}/summary.json")) for n in ("k1", "k4"))
 t1, t4 = k1["total"]["time"], k4["total"]["time"]
