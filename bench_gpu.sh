@@ -7,7 +7,7 @@
 #   2. two real runs of the same tokens, token level and --k 4 --lam 0.67, eager (compile time would
 #      swamp runs this short), and the ratio of their training times from their summary.json files.
 # Needs data/tinyshakespeare (python prepare_data.py). The printed results go to $OUT (out/gpu_check),
-# six small files; the runs' checkpoints (1.5 GB each at this shape) to $RUNS (out/gpu_check_runs).
+# six small files; the runs' checkpoints (0.5 GB each at this shape) to $RUNS (out/gpu_check_runs).
 # A dry run on CPU, to check the script itself:
 #   DEVICE=cpu COMPILE= SHAPE="--n_layer 2 --n_head 2 --n_embd 64 --block_size 64" TOKENS=2e5 bash bench_gpu.sh
 set -euo pipefail
@@ -33,7 +33,11 @@ COMMON="--data_dir $DATA --device $DEVICE $SHAPE $BATCH"
 } | tee "$OUT/env.txt"
 
 echo "== 1. steady-state speed and memory per stage"
-$PY bench.py --k 4 --lam 0.67 $COMMON $COMPILE --json "$OUT/bench.json" | tee "$OUT/bench.txt"
+# torch.compile needs Triton, which builds a small C launcher at run time: on a machine without a C
+# compiler it fails, and then the eager numbers are still worth having, so are the runs of step 2
+$PY bench.py --k 4 --lam 0.67 $COMMON $COMPILE --json "$OUT/bench.json" | tee "$OUT/bench.txt" ||
+  { echo "bench.py $COMPILE failed (see above); timing the eager model instead" | tee -a "$OUT/bench.txt"
+    $PY bench.py --k 4 --lam 0.67 $COMMON --json "$OUT/bench.json" | tee -a "$OUT/bench.txt"; }
 
 echo "== 2. whole runs of $TOKENS tokens: token level, then --k 4 --lam 0.67"
 for name in k1 k4; do
@@ -46,6 +50,8 @@ $PY - "$RUNS" <<'EOF' | tee "$OUT/whole_run.txt"
 import json, sys
 k1, k4 = (json.load(open(f"{sys.argv[1]}/{n}/summary.json")) for n in ("k1", "k4"))
 t1, t4 = k1["total"]["time"], k4["total"]["time"]
+# (no losses here: this many tokens are dozens of passes over Tiny Shakespeare, so they would measure
+# overfitting; the runs are for time)
 print(f"training time: token level {t1:.1f}s, --k 4 --lam 0.67 {t4:.1f}s -> ratio {t4 / t1:.3f} "
-      f"(predicted {k4['predicted_cost']:.3f}); val loss {k1['val_loss']:.4f} vs {k4['val_loss']:.4f}")
+      f"(predicted {k4['predicted_cost']:.3f})")
 EOF
