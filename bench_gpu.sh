@@ -35,9 +35,9 @@ COMMON="--data_dir $DATA --device $DEVICE $SHAPE $BATCH"
 echo "== 1. steady-state speed and memory per stage"
 # torch.compile needs Triton, which builds a small C launcher at run time: on a machine without a C
 # compiler it fails, and then the eager numbers are still worth having, so are the runs of step 2
-$PY bench.py --k 4 --lam 0.67 $COMMON $COMPILE --json "$OUT/bench.json" | tee "$OUT/bench.txt" ||
-  { echo "bench.py $COMPILE failed (see above); timing the eager model instead" | tee -a "$OUT/bench.txt"
-    $PY bench.py --k 4 --lam 0.67 $COMMON --json "$OUT/bench.json" | tee -a "$OUT/bench.txt"; }
+bench() { $PY bench.py --k 4 --lam 0.67 $COMMON "$@" --json "$OUT/bench.json" | tee -a "$OUT/bench.txt"; }
+rm -f "$OUT/bench.txt"
+bench $COMPILE || { echo "bench.py $COMPILE failed (see above); timing the eager model instead"; bench; }
 
 echo "== 2. whole runs of $TOKENS tokens: token level, then --k 4 --lam 0.67"
 for name in k1 k4; do

@@ -575,9 +575,9 @@ def test_bench_times_both_stages(data_dir):
 
 def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
     """bench_gpu.sh is meant for a short loan of a GPU, where a typo costs the loan: dry-run it."""
-    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", COMPILE="", DATA=str(data_dir), TOKENS="8192", OUT=str(tmp_path / "out"),
-               RUNS=str(tmp_path / "runs"), SHAPE="--n_layer 1 --n_head 2 --n_embd 32 --block_size 16",
-               BATCH="--batch_size 8 --grad_accum 2")
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", COMPILE="", DATA=str(data_dir), TOKENS="8192",
+               OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"),
+               SHAPE="--n_layer 1 --n_head 2 --n_embd 32 --block_size 16", BATCH="--batch_size 8 --grad_accum 2")
     proc = run_cli(["bash", os.path.join(HERE, "bench_gpu.sh")], env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["bench.json", "bench.txt", "env.txt", "k1.txt", "k4.txt",
