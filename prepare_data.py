@@ -7,12 +7,12 @@ Writes, into one output folder:
     meta.json            tokenizer, vocab size, end-of-text id, token counts and sources
 
 Usage:
-    python prepare_data.py                          # Tiny Shakespeare, downloaded once into data/tinyshakespeare/
+    python prepare_data.py                          # Tiny Shakespeare (in assets/) -> data/tinyshakespeare/
+    python prepare_data.py --input book.txt         # your text -> data/book/, then it prints the next step:
+    python patchgpt.py --data_dir data/book         #   training on it
+    python prepare_data.py --input books/ --val_input heldout/ --out_dir data/books
+    python prepare_data.py --input wiki.jsonl --val_frac 0.05
     python prepare_data.py --dataset tinystories    # TinyStories V2 (a 2 GB download, own val file)
-    python prepare_data.py --input ../shared/data/tinyshakespeare/input.txt --out_dir data/tinyshakespeare
-    python prepare_data.py --input ../shared/data/gutenberg/train --val_input ../shared/data/gutenberg/val \\
-                           --out_dir data/gutenberg
-    python prepare_data.py --input ../shared/data/wikitext103/test.jsonl --val_frac 0.1
 
 --input takes a .txt file, a folder of .txt files (searched recursively, in sorted order) or a
 .jsonl file with a "text" field per line. Every file of a folder and every jsonl record is one
@@ -20,31 +20,49 @@ document, and the end-of-text token (50256) follows each document. A literal "<|
 inside the text also becomes that token, since TinyStories uses it to separate stories.
 Without --val_input the last --val_frac of the input's bytes becomes the validation set.
 
-Offline? Set TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache and pass --input.
+Only --dataset tinystories needs the network: GPT-2's tokenizer files are shipped in assets/ too,
+for when tiktoken has not downloaded them yet.
 """
 
 import argparse
+import contextlib
+import errno
+import functools
+import gzip
+import hashlib
 import http.client
 import itertools
 import json
 import os
+import shlex
+import shutil
 import sys
+import tempfile
 import time
+import unittest.mock
 import urllib.request
 from typing import NamedTuple
 
 import numpy as np
 import tiktoken
+import tiktoken.load
 
-DATASETS = {
-    "tinyshakespeare": {
-        "train": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-    },
-    "tinystories": {
-        "train": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
-        "val": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
-    },
+HERE = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.path.join(HERE, "assets")
+TINYSTORIES = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+               "TinyStoriesV2-GPT4-{}.txt")  # {}: train or valid
+DATASETS = ("tinyshakespeare", "tinystories")  # the first is shipped in assets/, the second downloaded
+# tiktoken's gpt2 files: the URL it caches them under and the sha256 it checks; assets/gpt2_<name>.gz
+GPT2_FILES = {
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
 }
+try:  # the pattern tiktoken's own gpt2 uses: newer versions have a faster equivalent of GPT-2's
+    from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PAT_STR
+except ImportError:
+    GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CHUNK_BYTES = 1 << 20  # read size; one chunk is one unit of work for a tokenizer thread
 EOT_TEXT = "<|endoftext|>"
 EOT_BYTES = EOT_TEXT.encode()
@@ -176,16 +194,6 @@ def iter_pieces(path, chunk_bytes=None):
         base += os.path.getsize(file)
 
 
-def iter_documents(path):
-    """Yield each document under an --input path as one string (convenient for small inputs)."""
-    parts = []
-    for piece in iter_pieces(path):
-        parts.append(piece.text)
-        if piece.doc_end:
-            yield "".join(parts)
-            parts = []
-
-
 def split_pieces(pieces, split_at):
     """Label pieces "train" before byte offset split_at and "val" after it (None: all train)."""
     for p in pieces:
@@ -204,6 +212,54 @@ def split_pieces(pieces, split_at):
 
 
 # ----------------------------------------------------------------------------- encoding
+
+def tiktoken_has_gpt2():
+    """Whether tiktoken's cache holds gpt2's files; without them tiktoken.get_encoding downloads."""
+    # where tiktoken.load.read_file_cached looks: this folder, each file named by the sha1 of its URL
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get(
+        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    return cache != "" and all(os.path.exists(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
+                               for url, _ in GPT2_FILES.values())
+
+
+def gpt2_from_assets():
+    """tiktoken's gpt2 Encoding, built by tiktoken's own loader from the copies in assets/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, (_, sha256) in GPT2_FILES.items():
+            with gzip.open(os.path.join(ASSETS, f"gpt2_{name}.gz")) as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise ValueError(f"assets/gpt2_{name}.gz is not GPT-2's {name}")
+            paths.append(os.path.join(tmp, name))
+            with open(paths[-1], "wb") as f:
+                f.write(data)
+        # "" turns tiktoken's cache off, which would otherwise keep a copy of each temporary file
+        with unittest.mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=""):
+            ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*paths)
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: EOT_ID}, explicit_n_vocab=VOCAB_SIZE)
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding():
+    """GPT-2's tokenizer (a tiktoken Encoding) without the network, unless assets/ has lost its copy.
+
+    tiktoken's own is used when its cache has the files. Otherwise tiktoken would download them,
+    with no timeout (a network that drops packets stalls it for minutes), so the identical copy in
+    assets/ comes first and the download is the last resort.
+    """
+    loaders = {"assets": gpt2_from_assets, "tiktoken": lambda: tiktoken.get_encoding("gpt2")}
+    errors = {}
+    for source in ["tiktoken", "assets"] if tiktoken_has_gpt2() else ["assets", "tiktoken"]:
+        try:
+            return loaders[source]()
+        except Exception as e:  # whatever breaks one source (a damaged cache, no network), try the other
+            errors[source] = type(e).__name__
+    raise PrepareError(f"cannot load the gpt2 tokenizer: no usable copy in {ASSETS} ({errors['assets']})"
+                       f" and tiktoken could not download it ({errors['tiktoken']}); restore {ASSETS} from"
+                       " the patchgpt repository, or connect to the internet once and rerun")
+
 
 def encode_pieces(enc, pieces, workers):
     """Token ids of pieces as uint16; markers and document ends become end-of-text tokens."""
@@ -227,11 +283,11 @@ def encode_pieces(enc, pieces, workers):
 
 
 class TokenWriter:
-    """Appends encoded pieces to a file, a batch at a time, so memory stays bounded."""
+    """Appends encoded pieces to path + ".tmp", a batch at a time, so memory stays bounded."""
 
     def __init__(self, path, enc, workers, batch_chars):
-        self.enc, self.workers, self.batch_chars = enc, workers, batch_chars
-        self.file = open(path, "wb")
+        self.path, self.enc, self.workers, self.batch_chars = path, enc, workers, batch_chars
+        self.file = open(path + ".tmp", "wb")
         self.pending, self.pending_chars, self.tokens = [], 0, 0
 
     def add(self, piece):
@@ -242,9 +298,22 @@ class TokenWriter:
 
     def flush(self):
         ids = encode_pieces(self.enc, self.pending, self.workers)
-        ids.tofile(self.file)
+        with writing(self.path):
+            self.file.write(ids.tobytes())  # not ids.tofile: on a full disk numpy may drop the error
         self.tokens += len(ids)
         self.pending, self.pending_chars = [], 0
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a full disk into one line that says so and names the file, not a bare [Errno 28]."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        message = f"disk full: no space left for {path}; free some space on that disk and rerun"
+        raise PrepareError(message) from None
 
 
 class Progress:
@@ -269,13 +338,35 @@ class Progress:
 # ----------------------------------------------------------------------------- the whole job
 
 def check_outputs(out_dir, force):
-    existing = [os.path.join(out_dir, name) for name in OUTPUTS if os.path.exists(os.path.join(out_dir, name))]
+    existing = [path for path in (os.path.join(out_dir, name) for name in OUTPUTS) if os.path.exists(path)]
     if existing and not force:
         raise PrepareError(f"{existing[0]} already exists (pass --force to overwrite)")
 
 
-def prepare(input_path, out_dir, val_input=None, val_frac=0.1, force=False, workers=None, chunk_bytes=None):
-    """Tokenize input_path (and val_input) into out_dir/{train,val}.bin and meta.json; returns the meta dict."""
+@contextlib.contextmanager
+def new_dirs(path):
+    """os.makedirs(path); if the block fails, the folders made here are removed again while empty."""
+    made, folder = [], os.path.abspath(path)
+    while not os.path.isdir(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first; one that is not empty keeps its parents too
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+def prepare(input_path, out_dir, val_input=None, val_frac=0.1, force=False, workers=None, chunk_bytes=None,
+            source=None):
+    """Tokenize input_path (and val_input) into out_dir/{train,val}.bin and meta.json; returns the meta dict.
+
+    source names input_path in meta.json when it is a temporary copy. On any failure, Ctrl-C included,
+    out_dir is left as it was: no .tmp files, earlier outputs intact, no new empty folders.
+    """
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     workers = workers or os.cpu_count() or 1
     # validate everything before touching out_dir, so a bad call leaves it as it was
@@ -286,46 +377,58 @@ def prepare(input_path, out_dir, val_input=None, val_frac=0.1, force=False, work
     check_outputs(out_dir, force)
     input_bytes = sum(os.path.getsize(f) for f in files)
     split_at = None if val_input is not None else int(input_bytes * (1 - val_frac))
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_encoding()
 
     labelled = split_pieces(iter_pieces(input_path, chunk_bytes), split_at)
     if val_input is not None:
         labelled = itertools.chain(labelled, (("val", p) for p in iter_pieces(val_input, chunk_bytes)))
     progress = Progress(input_bytes + sum(os.path.getsize(f) for f in val_files))
-    os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in OUTPUTS}
     writers = {}
-    try:
-        for split in ("train", "val"):
-            writers[split] = TokenWriter(paths[f"{split}.bin"] + ".tmp", enc, workers, batch_chars=workers * chunk_bytes)
-        done = 0
-        for split, piece in labelled:
-            writers[split].add(piece)
-            done += piece.end - piece.start
-            progress.update(done, writers["train"].tokens + writers["val"].tokens)
-        for w in writers.values():
-            w.flush()
-            w.file.close()
-        counts = {split: w.tokens for split, w in writers.items()}
-        check_counts(counts, input_path, val_input, val_frac)
-        progress.update(done, sum(counts.values()), final=True)
+    with new_dirs(out_dir):
+        try:
+            for split in ("train", "val"):
+                writers[split] = TokenWriter(paths[f"{split}.bin"], enc, workers, workers * chunk_bytes)
+            done = 0
+            for split, piece in labelled:
+                writers[split].add(piece)
+                done += piece.end - piece.start
+                progress.update(done, writers["train"].tokens + writers["val"].tokens)
+            for w in writers.values():
+                w.flush()
+                with writing(w.path):
+                    w.file.close()
+            counts = {split: w.tokens for split, w in writers.items()}
+            check_counts(counts, input_path, val_input, val_frac)
 
-        meta = {"tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_token": EOT_ID, "dtype": "uint16",
-                "train_tokens": counts["train"], "val_tokens": counts["val"],
-                "source": input_path, "val_source": val_input,
-                "val_frac": None if val_input is not None else val_frac}
-        with open(paths["meta.json"] + ".tmp", "w") as f:
-            json.dump(meta, f, indent=2)
-        # the real names appear only now, so a crash never leaves half-written bins behind
-        for name in OUTPUTS:
-            os.replace(paths[name] + ".tmp", paths[name])
-    finally:
-        for w in writers.values():
-            w.file.close()
-        for name in OUTPUTS:
-            if os.path.exists(paths[name] + ".tmp"):
-                os.remove(paths[name] + ".tmp")
+            meta = {"tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_token": EOT_ID, "dtype": "uint16",
+                    "train_tokens": counts["train"], "val_tokens": counts["val"],
+                    "source": source or input_path, "val_source": val_input,
+                    "val_frac": None if val_input is not None else val_frac}
+            with writing(paths["meta.json"]), open(paths["meta.json"] + ".tmp", "w") as f:
+                json.dump(meta, f, indent=2)
+            # the real names appear only now, so a crash never leaves half-written bins behind
+            for name in OUTPUTS:
+                os.replace(paths[name] + ".tmp", paths[name])
+            progress.update(done, sum(counts.values()), final=True)
+        finally:
+            for w in writers.values():
+                with contextlib.suppress(OSError):  # the disk is full again, while giving up anyway
+                    w.file.close()
+            for path in paths.values():
+                if os.path.exists(path + ".tmp"):
+                    os.remove(path + ".tmp")
     return meta
+
+
+def prepare_tinyshakespeare(out_dir, **kw):
+    """Prepare the Tiny Shakespeare shipped in assets/: the same tokens as --input on its plain text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        text = os.path.join(tmp, "tinyshakespeare.txt")
+        with gzip.open(os.path.join(ASSETS, "tinyshakespeare.txt.gz")) as src, writing(text), \
+                open(text, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return prepare(text, out_dir, source="assets/tinyshakespeare.txt.gz", **kw)
 
 
 def check_counts(counts, input_path, val_input, val_frac):
@@ -346,36 +449,35 @@ def download(url, path):
     """Fetch url to path unless it is already there (the cache)."""
     if os.path.exists(path):
         return path
-    folder = os.path.dirname(path) or "."
-    made_folder = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
     part = path + ".part"  # renamed when complete, so an interrupted download is never mistaken for the file
     print(f"downloading {url} -> {path}")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
-            progress = Progress(int(response.headers.get("Content-Length") or 0))
-            done = 0
-            while block := response.read(1 << 20):
-                f.write(block)
-                done += len(block)
-                progress.update(done)
-        os.replace(part, path)
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        if os.path.exists(part):
-            os.remove(part)
-        if made_folder:
-            os.removedirs(folder)  # also drops the parents it made empty, e.g. data/
-        reason = getattr(e, "reason", None) or e
-        raise PrepareError(f"download of {url} failed ({reason}); offline? pass --input PATH, "
-                           "e.g. --input ../shared/data/tinyshakespeare/input.txt") from None
+    with new_dirs(os.path.dirname(path) or "."):
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, writing(part), open(part, "wb") as f:
+                progress = Progress(int(response.headers.get("Content-Length") or 0))
+                done = 0
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    done += len(block)
+                    progress.update(done)
+            os.replace(part, path)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            raise PrepareError(f"download of {url} failed ({getattr(e, 'reason', None) or e}); offline? "
+                               "`python prepare_data.py` prepares the Tiny Shakespeare shipped with it, "
+                               "--input PATH your own text") from None
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
     return path
 
 
-def fetch_dataset(name, root="data"):
-    """Download (or reuse) a named dataset; returns (train_path, val_path or None)."""
-    urls = DATASETS[name]
-    paths = {split: download(url, os.path.join(root, name, os.path.basename(url))) for split, url in urls.items()}
-    return paths["train"], paths.get("val")
+def next_command(out_dir):
+    """The command that trains on out_dir, as one can type it here: python, patchgpt.py, the folder."""
+    python = os.path.basename(sys.executable)
+    python = python if shutil.which(python) else sys.executable
+    script = os.path.relpath(os.path.join(HERE, "patchgpt.py"))
+    script = os.path.join(HERE, "patchgpt.py") if script.startswith(os.pardir) else script
+    return " ".join(shlex.quote(a) for a in (python, script, "--data_dir", out_dir))
 
 
 def input_name(path):
@@ -396,34 +498,50 @@ def fail(message):
 def main(argv=None):
     parser = Parser(description="Tokenize text into train.bin/val.bin (gpt2, uint16) for patchgpt.")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--dataset", choices=sorted(DATASETS),
-                        help="named dataset to download once and prepare (default: tinyshakespeare)")
-    source.add_argument("--input", help="a .txt file, a folder of .txt files, or a .jsonl file with a 'text' field")
-    parser.add_argument("--val_input", help="separate validation text (same kinds as --input) instead of a split")
-    parser.add_argument("--val_frac", type=float, default=0.1,
-                        help="without --val_input: the last fraction of the input's bytes used for validation")
-    parser.add_argument("--out_dir", help="output folder (default: data/<dataset or input name>)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing train.bin/val.bin/meta.json")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer threads (default: all CPUs)")
+    source.add_argument("--dataset", choices=DATASETS,
+                        help="tinyshakespeare (the default) is shipped with this script; "
+                             "tinystories is downloaded once (2 GB) into data/tinystories/")
+    source.add_argument("--input", help="a .txt file, a folder of .txt files, or a .jsonl file "
+                                        "with a 'text' field")
+    parser.add_argument("--val_input", help="separate validation text (same kinds as --input) "
+                                            "instead of a split")
+    parser.add_argument("--val_frac", type=float, default=0.1, help="without --val_input: the last fraction "
+                        "of the input's bytes used for validation (default: %(default)s)")
+    parser.add_argument("--out_dir", help="output folder (default: data/<dataset or input name>, "
+                                          "e.g. data/tinyshakespeare)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing train.bin/val.bin/meta.json")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="tokenizer threads (default: %(default)s, the number of CPUs)")
     args = parser.parse_args(argv)
     if args.val_input and not args.input:
         parser.error("--val_input needs --input")
-    if args.workers is not None and args.workers < 1:
+    if args.workers < 1:
         parser.error("--workers must be at least 1")
 
+    t0 = time.time()
+    name = input_name(args.input) if args.input else args.dataset or DATASETS[0]
+    out_dir = args.out_dir or os.path.join("data", name)
+    kw = dict(val_frac=args.val_frac, force=args.force, workers=args.workers)
     try:
-        t0 = time.time()
-        name = input_name(args.input) if args.input else args.dataset or "tinyshakespeare"
-        out_dir = args.out_dir or os.path.join("data", name)
         check_outputs(out_dir, args.force)  # before a download, which may be large
-        input_path, val_input = (args.input, args.val_input) if args.input else fetch_dataset(name)
-        meta = prepare(input_path, out_dir, val_input=val_input, val_frac=args.val_frac,
-                       force=args.force, workers=args.workers)
+        if args.input:
+            meta = prepare(args.input, out_dir, val_input=args.val_input, **kw)
+        elif name == "tinystories":
+            urls = [TINYSTORIES.format(split) for split in ("train", "valid")]
+            train, val = (download(url, os.path.join("data", name, os.path.basename(url))) for url in urls)
+            meta = prepare(train, out_dir, val_input=val, **kw)
+        else:
+            meta = prepare_tinyshakespeare(out_dir, **kw)
     except (PrepareError, OSError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print(f"prepare_data: interrupted; {out_dir} is as it was", file=sys.stderr)
+        sys.exit(130)
     for split in ("train", "val"):
         print(f"{split}: {meta[split + '_tokens']:,} tokens -> {os.path.join(out_dir, split + '.bin')}")
     print(f"meta -> {os.path.join(out_dir, 'meta.json')}  ({time.time() - t0:.1f} s)")
+    print(f"next: {next_command(out_dir)}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,49 @@
 """Tests for prepare_data.py: python -m pytest -q test_prepare_data.py"""
 
+import errno
+import functools
+import gzip
+import hashlib
 import json
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import prepare_data as pd
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "shared")
-if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
-
-import tiktoken  # noqa: E402
-
-import prepare_data as pd  # noqa: E402
-
-ENC = tiktoken.get_encoding("gpt2")
+SHARED = os.path.join(HERE, "..", "shared")  # present on the team's machines only; tests skip without it
 EOT = "<|endoftext|>"
 SCRIPT = os.path.join(HERE, "prepare_data.py")
-SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
+SHAKESPEARE_GZ = os.path.join(HERE, "assets", "tinyshakespeare.txt.gz")
+SHAKESPEARE_TOKENS = {"train": 301_966, "val": 36_060}  # 90/10 byte split of the 1,115,394 bytes
+
+
+def enc():
+    return pd.get_encoding()  # not at import: collecting the tests must need no tokenizer files
+
+
+@functools.lru_cache(maxsize=None)
+def shakespeare():
+    with gzip.open(SHAKESPEARE_GZ, "rt", encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def offline_env(tmp_path):
+    """The environment of a user with no network and nothing in tiktoken's cache."""
+    cache = tmp_path / "empty_tiktoken_cache"
+    cache.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
+    env.update({k: "http://127.0.0.1:9" for k in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY")})
+    env["TIKTOKEN_CACHE_DIR"] = str(cache)  # else tiktoken may find files in the temp dir's data-gym-cache
+    return env
 
 
 def sample_text(n_lines=300, seed=0):
@@ -47,7 +70,7 @@ def ids(out_dir, split):
 def text_of(out_dir, *splits):
     # decode_bytes + strict decode: a split that cut a character would fail here
     tokens = np.concatenate([ids(out_dir, s) for s in splits]).tolist()
-    return ENC.decode_bytes(tokens).decode("utf-8")
+    return enc().decode_bytes(tokens).decode("utf-8")
 
 
 def assert_outputs_consistent(out_dir):
@@ -86,7 +109,6 @@ def test_folder_is_recursive_sorted_and_skips_other_files(tmp_path):
     write(root / "empty.txt", "")  # an empty document adds nothing, not even an EOT
     write(root / "notes.md", "not text for training")
     order = ["a.txt", "b.txt", "sub/c.txt", "sub/deeper/d.txt", "z.txt"]
-    assert list(pd.iter_documents(str(root))) == [docs[name] for name in order]
     out = tmp_path / "out"
     pd.prepare(str(root), str(out), chunk_bytes=64)
     assert text_of(out, "train", "val") == "".join(docs[name] + EOT for name in order)
@@ -138,7 +160,8 @@ def test_eot_marker_is_one_token_not_characters(tmp_path):
     val = write(tmp_path / "val.txt", "three")
     out = tmp_path / "out"
     pd.prepare(src, str(out), val_input=val)
-    assert ids(out, "train").tolist() == ENC.encode_ordinary("one") + [50256] + ENC.encode_ordinary("two") + [50256]
+    one, two = enc().encode_ordinary("one"), enc().encode_ordinary("two")
+    assert ids(out, "train").tolist() == one + [50256] + two + [50256]
 
 
 def test_val_input_keeps_all_input_in_train(tmp_path):
@@ -147,7 +170,7 @@ def test_val_input_keeps_all_input_in_train(tmp_path):
     out = tmp_path / "out"
     meta = pd.prepare(src, str(out), val_input=val)
     # with default chunks a small file is one piece, so the tokens equal a whole-text encode
-    assert ids(out, "train").tolist() == ENC.encode_ordinary(text) + [50256]
+    assert ids(out, "train").tolist() == enc().encode_ordinary(text) + [50256]
     assert text_of(out, "val") == val_text + EOT
     assert meta["val_source"] == val and meta["val_frac"] is None
     assert_outputs_consistent(out)
@@ -160,19 +183,27 @@ def test_chunk_cuts_give_whole_text_tokens(tmp_path, chunk_bytes):
     src, val = write(tmp_path / "in.txt", text), write(tmp_path / "val.txt", "v")
     out = tmp_path / "out"
     pd.prepare(src, str(out), val_input=val, chunk_bytes=chunk_bytes)
-    assert ids(out, "train").tolist() == ENC.encode_ordinary(text) + [50256]
+    assert ids(out, "train").tolist() == enc().encode_ordinary(text) + [50256]
 
 
-@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="../shared/data not present")
+def test_shipped_tinyshakespeare_is_char_rnns_input_txt():
+    data = shakespeare().encode()
+    assert len(data) == 1_115_394
+    sha256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # assets/README.md
+    assert hashlib.sha256(data).hexdigest() == sha256
+    shared = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
+    if os.path.exists(shared):
+        assert open(shared, "rb").read() == data
+
+
 def test_tinyshakespeare_real_text(tmp_path):
-    text = open(SHAKESPEARE, encoding="utf-8").read()
     out = tmp_path / "out"
-    meta = pd.prepare(SHAKESPEARE, str(out))
-    assert text_of(out, "train", "val") == text + EOT
+    meta = pd.prepare_tinyshakespeare(str(out))
+    assert text_of(out, "train", "val") == shakespeare() + EOT
     assert_outputs_consistent(out)
-    # 338,025 tokens for the whole text; chunk and split cuts may shift a handful
-    assert abs(meta["train_tokens"] + meta["val_tokens"] - 338_026) <= 5
-    assert 0.09 < meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.11
+    # 338,025 tokens for the whole text, + 1 end-of-text; the 90/10 split cut costs nothing here
+    assert {split: meta[f"{split}_tokens"] for split in ("train", "val")} == SHAKESPEARE_TOKENS
+    assert meta["source"] == "assets/tinyshakespeare.txt.gz"
 
 
 def test_force_overwrites(tmp_path):
@@ -229,7 +260,8 @@ def bad_inputs(tmp):
         ([str(tmp / "only_empty.jsonl")], "yields no text"),
         ([str(tmp / "one.jsonl")], "leaves val empty"),
         ([str(tmp / "ok.txt"), "--val_input", str(tmp / "missing.txt")], "missing.txt: no such file"),
-        ([str(tmp / "ok.txt"), "--val_input", str(tmp / "only_empty.jsonl")], "only_empty.jsonl: yields no text"),
+        ([str(tmp / "ok.txt"), "--val_input", str(tmp / "only_empty.jsonl")],
+         "only_empty.jsonl: yields no text"),
         ([str(tmp / "ok.txt"), "--val_frac", "1.5"], "--val_frac must be between 0 and 1"),
     ]
 
@@ -245,7 +277,7 @@ def test_bad_inputs_raise_and_leave_no_files(tmp_path):
         out = tmp_path / "out"
         with pytest.raises(pd.PrepareError, match=message.replace("(", r"\(")):
             call_prepare(args, str(out), chunk_bytes=7)  # tiny chunks: offsets must still be exact
-        assert not out.exists() or os.listdir(out) == []
+        assert not out.exists()  # not even an empty folder
 
 
 def test_error_midway_removes_temp_files(tmp_path):
@@ -254,18 +286,20 @@ def test_error_midway_removes_temp_files(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(pd.PrepareError, match=r"b\.txt: not valid UTF-8 at byte offset 10"):
         pd.prepare(str(tmp_path / "books"), str(out), chunk_bytes=64)
-    assert os.listdir(out) == []
+    assert not out.exists()
 
 
 def run_cli(*args, cwd=HERE):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
 
 
 def assert_one_line_error(proc, message):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prepare_data: error: ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("prepare_data: error: "), proc.stderr
+    assert message in lines[0], proc.stderr
 
 
 @pytest.mark.parametrize("case", [0, 4, 5, 10])
@@ -274,7 +308,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
     out = tmp_path / "out"
     proc = run_cli("--input", *args, "--out_dir", str(out))
     assert_one_line_error(proc, message)
-    assert not out.exists() or os.listdir(out) == []
+    assert not out.exists()
 
 
 def test_cli_refuses_existing_output_without_force(tmp_path):
@@ -298,27 +332,30 @@ def test_default_out_dir_is_data_slash_input_name(tmp_path):
     assert_outputs_consistent(tmp_path / "data" / "poems")
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/input.txt", "not-a-url"])
-def test_no_arguments_offline_fails_cleanly(tmp_path, monkeypatch, capsys, url):
-    monkeypatch.setitem(pd.DATASETS["tinyshakespeare"], "train", url)
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/{}.txt", "not-a-url-{}"])
+def test_tinystories_offline_fails_cleanly_with_advice_that_works(tmp_path, monkeypatch, capsys, url):
+    monkeypatch.setattr(pd, "TINYSTORIES", url)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        pd.main([])
+        pd.main(["--dataset", "tinystories"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("prepare_data: error: download of") and "--input" in err[0]
+    assert len(err) == 1 and err[0].startswith("prepare_data: error: download of"), err
+    # the advice: the plain command (test_default_run_offline_with_an_empty_tiktoken_cache runs it)
+    assert "`python prepare_data.py` prepares the Tiny Shakespeare" in err[0] and "--input PATH" in err[0]
+    assert "shared" not in err[0]
     assert os.listdir(tmp_path) == []  # no half-made data/ folder or .part file
 
 
-def test_no_arguments_uses_cached_download(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(pd.DATASETS["tinyshakespeare"], "train", "http://127.0.0.1:9/input.txt")
+def test_tinystories_uses_cached_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pd, "TINYSTORIES", "http://127.0.0.1:9/TinyStoriesV2-GPT4-{}.txt")
     monkeypatch.chdir(tmp_path)
-    text = sample_text(40)
-    write(tmp_path / "data" / "tinyshakespeare" / "input.txt", text)
-    pd.main(["--workers", "2"])
-    out = tmp_path / "data" / "tinyshakespeare"
-    assert text_of(out, "train", "val") == text + EOT
-    assert sorted(os.listdir(out)) == ["input.txt", "meta.json", "train.bin", "val.bin"]
+    text, val_text = sample_text(40), sample_text(5, seed=2)
+    write(tmp_path / "data" / "tinystories" / "TinyStoriesV2-GPT4-train.txt", text)
+    write(tmp_path / "data" / "tinystories" / "TinyStoriesV2-GPT4-valid.txt", val_text)
+    pd.main(["--dataset", "tinystories", "--workers", "2"])
+    out = tmp_path / "data" / "tinystories"
+    assert text_of(out, "train") == text + EOT and text_of(out, "val") == val_text + EOT
     assert "train:" in capsys.readouterr().out
 
 
@@ -340,3 +377,166 @@ def test_crash_midway_keeps_previous_outputs(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         pd.prepare(src, str(out), force=True, chunk_bytes=64, workers=1)
     assert {name: open(out / name, "rb").read() for name in os.listdir(out)} == before  # no .tmp either
+
+
+# ----------------------------------------------------------------------------- offline first run
+
+def test_default_run_offline_with_an_empty_tiktoken_cache(tmp_path):
+    """A fresh clone, no network, nothing cached: `python prepare_data.py` works on the first try."""
+    env = offline_env(tmp_path)
+    proc = subprocess.run([sys.executable, SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "data" / "tinyshakespeare"
+    meta = assert_outputs_consistent(out)
+    assert {s: meta[f"{s}_tokens"] for s in ("train", "val")} == SHAKESPEARE_TOKENS
+    assert os.listdir(env["TIKTOKEN_CACHE_DIR"]) == []  # the shipped tokenizer files left no copies there
+    # exactly the tokens of --input on the same text
+    write(tmp_path / "shakespeare.txt", shakespeare())
+    proc = subprocess.run([sys.executable, SCRIPT, "--input", "shakespeare.txt"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "data" / "shakespeare" / name).read_bytes() == (out / name).read_bytes()
+
+
+def tiktoken_reference(monkeypatch):
+    """tiktoken's own gpt2, from the team's offline copy of its cache or a filled default cache."""
+    import tiktoken
+
+    shared_cache = os.path.join(SHARED, "tiktoken_cache")
+    if os.path.isdir(shared_cache):
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", shared_cache)
+    elif not pd.tiktoken_has_gpt2():
+        pytest.skip("tiktoken's own gpt2 files are not available offline here")
+    return tiktoken.get_encoding("gpt2")
+
+
+def test_shipped_tokenizer_files_give_tiktokens_gpt2(monkeypatch):
+    shipped, real = pd.gpt2_from_assets(), tiktoken_reference(monkeypatch)  # the fallback, forced
+    assert shipped is not real
+    assert (shipped.name, shipped.n_vocab, shipped.eot_token) == ("gpt2", 50257, 50256)
+    text = shakespeare()
+    ids = shipped.encode_ordinary(text)
+    assert ids == real.encode_ordinary(text) and len(ids) == 338_025
+    assert shipped.decode(ids) == real.decode(ids) == text
+    special = "Once upon a time" + EOT + "The end.\n" + MULTIBYTE + EOT
+    ids = shipped.encode(special, allowed_special={EOT})
+    assert ids == real.encode(special, allowed_special={EOT}) and ids.count(50256) == 2
+    assert shipped.decode(ids) == real.decode(ids) == special
+    with pytest.raises(ValueError):  # like tiktoken's, a marker in plain text is refused by default
+        shipped.encode(special)
+
+
+def test_get_encoding_offline_uses_the_shipped_files_without_trying_the_network(tmp_path, monkeypatch):
+    import tiktoken
+
+    def download(*args):
+        raise AssertionError("tiktoken would download here: offline that may hang for minutes")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(tiktoken, "get_encoding", download)
+    enc = pd.get_encoding.__wrapped__()  # not the cached result of an earlier call
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert os.listdir(tmp_path) == [] and os.environ["TIKTOKEN_CACHE_DIR"] == str(tmp_path)
+
+
+def test_no_tokenizer_anywhere_is_one_line_saying_what_to_do(tmp_path):
+    """prepare_data.py copied away from assets/, offline, empty cache: no traceback, no hang."""
+    shutil.copy(SCRIPT, tmp_path / "prepare_data.py")
+    write(tmp_path / "book.txt", sample_text(20))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "prepare_data.py", "--input", "book.txt"], cwd=tmp_path,
+                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, "cannot load the gpt2 tokenizer")
+    assert f"restore {tmp_path / 'assets'} from the patchgpt repository" in proc.stderr
+    assert "connect to the internet" in proc.stderr and time.time() - t0 < 30
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_input_prints_the_command_that_trains_on_it(tmp_path):
+    write(tmp_path / "book.txt", sample_text(30))
+    proc = run_cli("--input", "book.txt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("next: ")
+    python, script, *rest = shlex.split(last[len("next: "):])
+    # followed literally, here: an interpreter on PATH, patchgpt.py, the folder just written
+    assert shutil.which(python) and os.path.samefile(tmp_path / script, os.path.join(HERE, "patchgpt.py"))
+    assert rest == ["--data_dir", "data/book"] and (tmp_path / "data" / "book" / "train.bin").exists()
+
+
+def test_no_message_names_the_teams_shared_folder():
+    assert "shared" not in open(SCRIPT, encoding="utf-8").read()
+
+
+# ----------------------------------------------------------------------------- failures midway
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("name", ["train.bin", "val.bin", "meta.json"])
+def test_full_disk_is_one_line_naming_the_file_and_keeps_earlier_outputs(tmp_path, name):
+    src = write(tmp_path / "in.txt", sample_text(50))
+    out = tmp_path / "out"
+    for old in pd.OUTPUTS:
+        write(out / old, b"earlier " + old.encode())
+    os.symlink("/dev/full", out / f"{name}.tmp")  # every write there fails with ENOSPC, as on a full disk
+    proc = run_cli("--input", src, "--out_dir", str(out), "--force")
+    assert_one_line_error(proc, f"disk full: no space left for {out / name}; free some space")
+    assert sorted(os.listdir(out)) == sorted(pd.OUTPUTS)  # the .tmp is gone
+    assert all((out / old).read_bytes() == b"earlier " + old.encode() for old in pd.OUTPUTS)
+
+
+def test_full_disk_in_a_write_becomes_a_prepare_error(tmp_path, monkeypatch):
+    src = write(tmp_path / "in.txt", sample_text(50))
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.json, "dump", full)
+    with pytest.raises(pd.PrepareError, match=r"^disk full: no space left for .*meta\.json; free some"):
+        pd.prepare(src, str(tmp_path / "data" / "in"))
+    assert os.listdir(tmp_path) == ["in.txt"]  # no new folders, no .tmp
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_earlier_outputs(tmp_path):
+    write(tmp_path / "big.txt", sample_text(2000) * 50)  # ~6 MB: seconds of work on one thread
+    out = tmp_path / "out"
+    for old in pd.OUTPUTS:
+        write(out / old, b"earlier " + old.encode())
+    args = ["--input", str(tmp_path / "big.txt"), "--out_dir", str(out), "--force", "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not (out / "train.bin.tmp").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.strip().splitlines() if " MB/s" not in line]  # progress may come first
+    assert lines == [f"prepare_data: interrupted; {out} is as it was"], err
+    assert sorted(os.listdir(out)) == sorted(pd.OUTPUTS)
+    assert all((out / old).read_bytes() == b"earlier " + old.encode() for old in pd.OUTPUTS)
+
+
+def test_content_failure_leaves_no_new_folder_but_keeps_existing_ones(tmp_path):
+    write(tmp_path / "only_empty.jsonl", '{"text": ""}\n')
+    proc = run_cli("--input", "only_empty.jsonl", cwd=tmp_path)
+    assert_one_line_error(proc, "only_empty.jsonl: yields no text")
+    assert os.listdir(tmp_path) == ["only_empty.jsonl"]  # no data/only_empty/, no data/
+    (tmp_path / "data").mkdir()  # folders that were there before stay, even when empty
+    assert_one_line_error(run_cli("--input", "only_empty.jsonl", cwd=tmp_path), "yields no text")
+    assert os.listdir(tmp_path / "data") == []
+    (tmp_path / "data" / "only_empty").mkdir()
+    assert_one_line_error(run_cli("--input", "only_empty.jsonl", cwd=tmp_path), "yields no text")
+    assert os.listdir(tmp_path / "data") == ["only_empty"]
+
+
+def test_help_shows_the_real_defaults():
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "(default: data/<dataset or input name>, e.g. data/tinyshakespeare)" in text
+    assert f"(default: {os.cpu_count()}, the number of CPUs)" in text
+    assert "(default: 0.1)" in text and "tinyshakespeare (the default)" in text
+    assert "None" not in text and "(default: )" not in text and "shared" not in text
