@@ -1,7 +1,7 @@
 """
 bench.py: steady-state speed of patchgpt's training step, per stage, and what it means for a run.
 
-It builds the same Run and calls the same train_step() as patchgpt.py, times a few optimizer
+It builds the same Run and calls the same Run.train_step() as patchgpt.py, times a few optimizer
 steps of each stage after warm-up (synchronizing the GPU around the timed steps), and prints
 tokens/s, ms/step, model FLOPs utilization and peak memory, then the wall time a whole
 `--k K --lam lam` run would take relative to token-level training of the same tokens.
@@ -17,7 +17,6 @@ Usage (takes every patchgpt.py flag, plus --warmup_steps and --timed_steps):
 """
 
 import json
-import sys
 import time
 import weakref
 
@@ -41,6 +40,22 @@ PEAK_BF16 = {
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
 }
+
+
+def flops_per_position(config):
+    """Training FLOPs (forward + backward) for one position of a full block: 6 per weight that
+    multiplies the position (the lm_head included, the position table excluded), plus attention
+    scores and values (PaLM appendix B / nanoGPT). The patch average is a mean of K vectors:
+    negligible, so a patch position costs what a token position costs."""
+    c = config
+    n_matmul = 12 * c.n_layer * c.n_embd**2 + c.n_embd * c.vocab_size
+    return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def sync_device(device):
+    """Wait for queued GPU work, so that wall-clock timings measure the work itself."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def peak_flops(device):
@@ -90,7 +105,7 @@ def step_memory(run, stage):
     compiled, run.model = run.model, run.raw_model  # a compiled graph hides its ops from the counter
     state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     with PeakTensorMemory(list(run.raw_model.parameters()) + state) as mem:
-        P.train_step(run, stage, run.tc.lr)
+        run.train_step(stage, run.tc.lr)
     run.model = compiled
     return mem.peak
 
@@ -100,14 +115,14 @@ def time_stage(run, stage, warmup_steps, timed_steps):
     run.optimizer = run.raw_model.configure_optimizer(run.tc, run.device_type)
     run.model.train()
     for _ in range(warmup_steps):  # the first steps compile kernels and grow the caching allocator
-        P.train_step(run, stage, run.tc.lr)
-    P.sync_device(run.device)
+        run.train_step(stage, run.tc.lr)
+    sync_device(run.device)
     if run.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     t0 = time.perf_counter()
     for _ in range(timed_steps):
-        P.train_step(run, stage, run.tc.lr)
-    P.sync_device(run.device)
+        run.train_step(stage, run.tc.lr)
+    sync_device(run.device)
     secs = (time.perf_counter() - t0) / timed_steps
     if run.device_type == "cuda":
         peak = torch.cuda.max_memory_allocated(run.device)
@@ -116,9 +131,9 @@ def time_stage(run, stage, warmup_steps, timed_steps):
     return secs, peak
 
 
-def bench(mc, tc, warmup_steps=3, timed_steps=10, log=P.say):
+def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     run = P.Run(mc, tc, log=lambda *a: None)  # the stages of a real run with these flags
-    per_pos = P.flops_per_position(mc)
+    per_pos = flops_per_position(mc)
     peak = peak_flops(run.device)
     rows = []
     for stage in sorted(run.stages, key=lambda s: s.K):  # token stage first, as a reference
@@ -130,14 +145,15 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=P.say):
                      "peak_mem_gb": mem / 2**30})
     token, patch = rows[0], rows[-1]
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
     log(f"device {name} | {mc.n_layer} layers, {mc.n_embd} wide, block {mc.block_size} | "
-        f"{run.raw_model.num_params() / 1e6:.1f}M params | dtype {run.dtype} | compile {tc.compile}")
+        f"{n_params / 1e6:.1f}M params | dtype {tc.dtype} | compile {tc.compile}")
     log(f"{'stage':<7}{'K':>3}{'tokens/step':>13}{'ms/step':>10}{'tokens/s':>11}{'MFU':>7}{'peak mem':>10}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gb']:.2f}G"
         log(f"{r['stage']:<7}{r['K']:>3}{r['tokens_per_step']:>13}{r['ms_per_step']:>10.1f}"
-            f"{P.fmt_count(r['tok_s']):>11}{mfu:>7}{mem:>10}")
+            f"{r['tok_s']:>11,.0f}{mfu:>7}{mem:>10}")
     speedup = patch["tok_s"] / token["tok_s"]
     lam = tc.lam
     # a whole run: lam of the tokens at the patch stage's speed, the rest at the token stage's
@@ -149,26 +165,25 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=P.say):
     return {"device": name, "rows": rows, "speedup": speedup, "run_ratio": ratio}
 
 
-def main(argv=None):
-    p = P.build_parser()
-    p.description = "Time patchgpt's training step per stage (see the docstring)."
+def build_parser():
+    p = P.build_parser("Time patchgpt's training step per stage (see bench.py's docstring).")
     p.add_argument("--warmup_steps", type=int, default=3, help="untimed optimizer steps per stage")
-    p.add_argument("--timed_steps", type=int, default=10, help="timed optimizer steps per stage")
+    p.add_argument("--timed_steps", type=int, default=10, help="timed optimizer steps per stage (>= 1)")
     p.add_argument("--json", default="", help="also write the results to this file")
-    args = p.parse_args(argv)
-    P.keep_freed_memory()  # as patchgpt.py's main() does, so the numbers match training
-    try:
-        mc, tc, ks, lams = P.configs_from_args(args)
-        if tc.k < 2 or tc.lam == 0:
-            raise P.UserError("bench compares the patch stage with the token stage: use --k >= 2 and --lam > 0")
-        P.ensure_default_data(tc)
-        result = bench(mc, tc, args.warmup_steps, args.timed_steps)
-    except P.UserError as e:
-        P.die(str(e))
+    return p
+
+
+def run(args):
+    if args.warmup_steps < 0 or args.timed_steps < 1:
+        raise P.UserError("bench needs --warmup_steps >= 0 and --timed_steps >= 1")
+    mc, tc = P.configs(args)
+    if tc.k == 1:
+        raise P.UserError("bench compares the patch stage with the token stage: use --k >= 2 and --lam > 0")
+    result = bench(mc, tc, args.warmup_steps, args.timed_steps)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        P.atomic_write(args.json, json.dumps(result, indent=1).encode())
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    P.main(parser=build_parser(), action=run)

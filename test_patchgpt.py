@@ -1,6 +1,8 @@
-"""Tests for patchgpt.py (pytest, CPU). Real text comes from ../shared/data when it is there;
-otherwise the tests make their own token data, so they run anywhere."""
+"""Tests for patchgpt.py and the programs beside it (pytest, CPU). The data is the Tiny Shakespeare that
+ships in assets/, tokenized with the shipped gpt2 files: nothing here needs the network or ../shared."""
 
+import argparse
+import gzip
 import json
 import os
 import signal
@@ -13,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
+import compare
 import patchgpt as P
+import sample
+from prepare_data import get_encoding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "shared")
-if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
-
 TINY = P.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
@@ -31,35 +33,21 @@ def tiny_train_config(data_dir, out_dir, **kw):
     return P.TrainConfig(**base)
 
 
-def tiny_cli(data_dir, out_dir, *extra):
+def tiny_cli(data_dir, out_dir, *extra, script="patchgpt.py"):
     """The same tiny run as a command line."""
-    return [sys.executable, os.path.join(HERE, "patchgpt.py"), "--data_dir", str(data_dir), "--out_dir",
-            str(out_dir), "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
-            "--batch_size", "8", "--grad_accum", "2", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_iters", "2",
-            "--eval_interval", "5", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu", "--seed", "7",
-            "--tokens", "2048", *extra]
+    return [sys.executable, os.path.join(HERE, script), "--data_dir", str(data_dir), "--out_dir", str(out_dir),
+            "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "8",
+            "--grad_accum", "2", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_iters", "2", "--eval_interval",
+            "5", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu", "--seed", "7", "--tokens", "2048",
+            *extra]
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """train.bin/val.bin: Tiny Shakespeare in gpt2 tokens when ../shared has it, else a made-up
-    token stream with enough structure (a repeating random phrase book) that a model can learn it."""
+    """train.bin/val.bin: the first 200k characters of the shipped Tiny Shakespeare in gpt2 tokens."""
     d = tmp_path_factory.mktemp("data")
-    text_path = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
-    tokens = None
-    if os.path.exists(text_path):
-        try:
-            import tiktoken
-
-            enc = tiktoken.get_encoding("gpt2")
-            with open(text_path, encoding="utf-8") as f:
-                tokens = np.array(enc.encode_ordinary(f.read()[:200_000]), dtype=np.uint16)
-        except Exception:
-            tokens = None
-    if tokens is None:
-        rng = np.random.default_rng(0)
-        phrases = rng.integers(0, 2000, size=(50, 12))
-        tokens = phrases[rng.integers(0, 50, size=4000)].reshape(-1).astype(np.uint16)
+    with gzip.open(os.path.join(HERE, "assets", "tinyshakespeare.txt.gz"), "rt", encoding="utf-8") as f:
+        tokens = np.array(get_encoding().encode_ordinary(f.read()[:200_000]), dtype=np.uint16)
     split = int(0.9 * len(tokens))
     tokens[:split].tofile(d / "train.bin")
     tokens[split:].tofile(d / "val.bin")
@@ -68,6 +56,10 @@ def data_dir(tmp_path_factory):
 
 def run_cli(args, **kw):
     return subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=300, **kw)
+
+
+def quiet(*a):
+    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +120,7 @@ def test_changing_a_later_patch_leaves_earlier_logits_unchanged():
     K, T, t = 4, 6, 2
     x = torch.randint(0, 50257, (1, K * T))
     x2 = x.clone()
-    x2[0, K * (t + 1) : K * (t + 2)] = (x2[0, K * (t + 1) : K * (t + 2)] + 1) % 50257  # patch t+1
+    x2[0, K * (t + 1): K * (t + 2)] = (x2[0, K * (t + 1): K * (t + 2)] + 1) % 50257  # patch t+1
     a, _ = model(x, patch_size=K)
     b, _ = model(x2, patch_size=K)
     assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
@@ -147,8 +139,16 @@ def test_batches_target_is_the_window_shifted_by_k():
         assert torch.equal(x[:, 0], torch.from_numpy(starts.astype(np.int64)))
 
 
+def test_parameters_are_in_gpt2_order():
+    """Gradient clipping adds up the norms in this order, so the order is part of the numbers."""
+    names = [n for n, _ in P.GPT(TINY).named_parameters()][:10]
+    assert [n.split(".", 3)[-1] for n in names[2:10]] == [
+        "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+        "attn.c_proj.bias", "ln_2.weight", "ln_2.bias"]
+
+
 # ---------------------------------------------------------------------------------------------
-# the plan and the schedule
+# the plan and the schedules
 
 
 @pytest.mark.parametrize("K,lam", [(4, 0.67), (2, 0.5), (8, 0.8), (4, 0.0), (1, 0.5), (16, 0.25)])
@@ -158,18 +158,18 @@ def test_stage_plan(K, lam):
     stages = P.plan_stages(tc, block)
     per_step = 16 * 4 * block
     assert all(s.tokens_per_step == per_step for s in stages)
-    total = sum(s.tokens for s in stages)
+    total = sum(s.steps * s.tokens_per_step for s in stages)
     assert abs(total - 1_000_000) <= per_step / 2
-    if K == 1 or lam == 0:
-        assert [(s.name, s.K) for s in stages] == [("token", 1)]
+    if K == 1 or lam == 0:  # the baseline, whichever way it is asked for
+        assert (tc.k, tc.lam) == (1, 0.0) and [(s.name, s.K) for s in stages] == [("token", 1)]
         return
     patch, token = stages
     assert (patch.name, patch.K, token.name, token.K) == ("patch", K, "token", 1)
-    assert abs(patch.tokens / total - lam) < 0.01
+    assert abs(patch.steps * per_step / total - lam) < 0.01
     # a patch step reads the same tokens through 1/K of the sequences (each K times longer)
     assert patch.micro_batch * patch.grad_accum * K == token.micro_batch * token.grad_accum == 64
     assert patch.micro_batch <= 16 and token.micro_batch <= 16
-    positions = patch.tokens / K + token.tokens
+    positions = patch.steps * per_step / K + token.steps * per_step
     assert abs(positions / total - P.cost_factor(K, lam)) < 0.01
 
 
@@ -186,17 +186,52 @@ def test_plan_splits_micro_steps_across_processes():
     for a, b in zip(one, two):
         assert a.tokens_per_step == b.tokens_per_step and a.steps == b.steps
         assert a.micro_batch * a.grad_accum == 2 * b.micro_batch * b.grad_accum
-    with pytest.raises(P.UserError, match="divisible"):
+    with pytest.raises(P.UserError, match="multiple of K x processes"):
         P.plan_stages(replace(tc, grad_accum=1, batch_size=3), 32)
 
 
-def test_lr_schedule_warms_up_then_decays_to_min_lr():
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     tc = P.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10)
     lrs = [P.get_lr(s, 100, tc) for s in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
     assert lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[99] == pytest.approx(1e-4)  # the last step trains at min_lr
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly_over_the_last_fraction():
+    tc = P.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, schedule="wsd", decay_frac=0.2)
+    lrs = [P.get_lr(s, 100, tc) for s in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert lrs[10:80] == [pytest.approx(1e-3)] * 70  # stable: the last 20 steps decay
+    steps = np.diff(lrs[79:])
+    assert np.allclose(steps, steps[0]) and steps[0] < 0  # a straight line down
+    assert lrs[99] == pytest.approx(1e-4)
+    assert P.get_lr(99, 100, replace(tc, decay_frac=0.0)) == pytest.approx(1e-4)  # at least the last step
+
+
+@pytest.mark.parametrize("schedule", ["global", "wsd"])
+def test_one_schedule_and_one_optimizer_span_both_stages(data_dir, tmp_path, schedule):
+    tc = tiny_train_config(data_dir, tmp_path / schedule, schedule=schedule, tokens=16 * 16 * 12)
+    run = P.Run(TINY, tc, log=quiet)
+    os.makedirs(tc.out_dir)
+    lrs, real_step = [], P.Run.train_step
+
+    def spy(self, stage, lr):
+        lrs.append(lr)
+        return real_step(self, stage, lr)
+
+    run.train_step = spy.__get__(run)
+    run.train_stage()
+    optimizer = run.optimizer
+    run.train_stage()
+    assert run.optimizer is optimizer  # kept across the switch, with its moments
+    total = sum(s.steps for s in run.stages)
+    assert lrs == [pytest.approx(P.get_lr(s, total, tc)) for s in range(total)]
+    restart = P.Run(TINY, replace(tc, schedule="restart", out_dir=str(tmp_path / "r")), log=quiet)
+    os.makedirs(restart.tc.out_dir)
+    restart.train_stage()
+    assert restart.optimizer is None  # the paper: stage 2 starts with a fresh AdamW
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,82 +244,87 @@ def test_two_stage_run_learns_checkpoints_and_resumes(data_dir, tmp_path):
     lines = []
     summary = P.train(TINY, tc, log=lines.append)
     hist = summary["history"]
-    assert [h["stage"] for h in hist][0] == "patch" and hist[-1]["stage"] == "token"
+    assert hist[0]["stage"] == "patch" and hist[-1]["stage"] == "token"
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 1.0  # it learned something
-    assert any("val_patch_loss" in h for h in hist)
-    stages = summary["stages"]
-    assert [s["K"] for s in stages] == [2, 1]
-    assert sum(s["tokens"] for s in stages) == summary["total"]["tokens"] == 30 * 256
-    assert summary["flops_ratio"] == pytest.approx(P.cost_factor(2, 0.5), rel=0.02)
+    assert summary["stages"] == ["patch", "token"] and sum(summary["tokens"]) == 30 * 256
+    assert summary["compute_cost"] == pytest.approx(P.cost_factor(2, 0.5), rel=0.02)
+    assert summary["predicted_cost"] == pytest.approx(0.75) and summary["measured_cost"] > 0
     assert any(line.startswith("cost vs token-level") for line in lines)
-    # the eval log is machine-readable and matches the history
-    with open(out / "log.jsonl") as f:
-        assert [json.loads(line)["val_loss"] for line in f] == [h["val_loss"] for h in hist]
+    assert any("tok/s | ETA" in line for line in lines)
+    with open(out / "summary.json") as f:
+        assert json.load(f)["val_loss"] == summary["val_loss"]
     ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["stage_idx"] == 2 and ckpt["tokens_seen"] == 30 * 256
-    # resuming a finished run changes nothing; with a larger budget allowed, it would go on
-    again = P.train(TINY, replace(tc, resume=True), log=lambda *a: None)
-    assert again["val_loss"] == summary["val_loss"]
+    # resuming a finished run trains nothing and reports the same
+    again = P.train(TINY, replace(tc, resume=True), log=quiet)
+    assert again["val_loss"] == summary["val_loss"] and again["history"] == hist
     # a new run into the same out dir is refused instead of silently overwriting
     with pytest.raises(P.UserError, match="already holds a run"):
-        P.train(TINY, tc, log=lambda *a: None)
+        P.train(TINY, tc, log=quiet)
 
 
 def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
     out = tmp_path / "run"
     tc = tiny_train_config(data_dir, out, tokens=16 * 16 * 6)
-    P.train(TINY, tc, log=lambda *a: None)
-    for change, name in ((dict(k=4), "k="), (dict(lam=0.25), "lam="), (dict(tokens=16 * 16 * 8), "tokens=")):
-        with pytest.raises(P.UserError, match=name):
-            P.train(TINY, replace(tc, resume=True, **change), log=lambda *a: None)
-    with pytest.raises(P.UserError, match="model.n_embd=32, this command has model.n_embd=64"):
-        P.train(replace(TINY, n_embd=64), replace(tc, resume=True), log=lambda *a: None)
-    other = tmp_path / "other_data"  # the same tokens in another order: other data all the same
+    P.train(TINY, tc, log=quiet)
+    other = tmp_path / "other_data"  # the same tokens elsewhere: another --data_dir all the same
     other.mkdir()
-    np.fromfile(data_dir / "train.bin", dtype=np.uint16)[::-1].tofile(other / "train.bin")
-    (other / "val.bin").write_bytes((data_dir / "val.bin").read_bytes())
-    with pytest.raises(P.UserError, match="train_data="):
-        P.train(TINY, replace(tc, resume=True, data_dir=str(other)), log=lambda *a: None)
-    P.train(TINY, replace(tc, resume=True, tokens=16 * 16 * 8, allow_budget_change=True), log=lambda *a: None)
+    for name in ("train.bin", "val.bin"):
+        (other / name).write_bytes((data_dir / name).read_bytes())
+    for change, words in ((dict(k=4), "--k 2, not 4"), (dict(lam=0.25), "--lam 0.5, not 0.25"),
+                          (dict(tokens=16 * 16 * 8), "--tokens 1536, not 2048"),
+                          (dict(dtype="bfloat16"), "--dtype float32, not bfloat16"),
+                          (dict(schedule="wsd"), "--schedule restart, not wsd"),
+                          (dict(data_dir=str(other)), "--data_dir")):
+        with pytest.raises(P.UserError, match=words):
+            P.train(TINY, replace(tc, resume=True, **change), log=quiet)
+    with pytest.raises(P.UserError, match="--n_embd 32, not 64"):
+        P.train(replace(TINY, n_embd=64), replace(tc, resume=True), log=quiet)
+    # what changes neither the weights nor the evaluation may change
+    P.train(TINY, replace(tc, resume=True, log_interval=3, eval_interval=7), log=quiet)
 
 
 def test_sampling_from_a_checkpoint(data_dir, tmp_path):
-    pytest.importorskip("tiktoken")
     out = tmp_path / "run"
-    P.train(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 4), log=lambda *a: None)
-    try:
-        P.get_encoder()
-    except P.UserError:
-        pytest.skip("tiktoken's gpt2 files are not available offline here")
-    texts = P.sample(str(out), "ROMEO:", 2, 10, 1.0, 50, "cpu", 0, log=lambda *a: None)
+    P.train(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 4), log=quiet)
+    texts = sample.sample(str(out), "ROMEO:", 2, 10, 1.0, 50, "cpu", 0, log=quiet)
     assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) > len("ROMEO:") for t in texts)
 
 
-def test_divergence_stops_with_a_message_naming_the_step(data_dir, tmp_path):
+def test_sampling_never_draws_a_padding_id():
+    """ids 50257..50303 only pad the embedding table; tiktoken cannot decode them."""
+    model = P.GPT(TINY).eval()
+    with torch.no_grad():
+        model.lm_head.weight[P.GPT2_VOCAB:] = 0
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.ln_f.weight.zero_()
+        model.lm_head.weight[P.GPT2_VOCAB:, 0] = 100.0  # the padding ids have by far the highest logits
+    logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
+    assert logits[0, -1].argmax() >= P.GPT2_VOCAB
+    out = sample.generate(model, torch.zeros(4, 1, dtype=torch.long), 20, temperature=1.0, top_k=None)
+    assert out.max() < P.GPT2_VOCAB
+
+
+def test_divergence_stops_before_any_save(data_dir, tmp_path):
     out = tmp_path / "run"
-    tc = tiny_train_config(data_dir, out, tokens=16 * 16 * 10)
-    run = P.Run(TINY, tc, log=lambda *a: None)
+    run = P.Run(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 10), log=quiet)
     os.makedirs(out)
     with torch.no_grad():
         run.raw_model.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(P.TrainingDiverged, match="patch stage step 1;"):
-        P.run_stage(run, run.stages[0])
+    with pytest.raises(P.UserError, match="non-finite loss by patch step 1;"):
+        run.train_stage()
+    assert os.listdir(out) == []
 
 
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_previous_file_and_no_temp_file(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    P.atomic_save({"format": "patchgpt-1", "step": 1}, path)
-
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        P.atomic_save({"format": "patchgpt-1", "step": 2}, path)
+    P.atomic_write(path, b"the old checkpoint")
+    monkeypatch.setattr(P, "open", lambda p, mode: open("/dev/full", mode), raising=False)
+    with pytest.raises(OSError, match=f"while writing {path}"):
+        P.atomic_write(path, b"x" * 100_000)
     monkeypatch.undo()
-    assert P.load_checkpoint(path)["step"] == 1
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    assert open(path, "rb").read() == b"the old checkpoint"
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,18 +336,21 @@ def final_weights(out_dir):
     return P.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
 
 
-def kill_when(cmd, marker):
-    """Start cmd, SIGKILL it as soon as a line containing marker is printed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+def start(cmd):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    seen = []
+
+
+def kill_when(cmd, marker, sig=signal.SIGKILL):
+    """Start cmd, send it sig as soon as a line containing marker is printed; returns (code, output)."""
+    proc, seen = start(cmd), []
     for line in proc.stdout:
         seen.append(line)
         if marker in line:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
-    proc.wait(timeout=120)
-    return proc.returncode, "".join(seen)
+    seen.append(proc.stdout.read())
+    return proc.wait(timeout=120), "".join(seen)
 
 
 def test_sigkill_at_three_points_then_resume_gives_identical_weights(data_dir, tmp_path):
@@ -317,8 +360,8 @@ def test_sigkill_at_three_points_then_resume_gives_identical_weights(data_dir, t
     assert done.returncode == 0, done.stderr
     expected = final_weights(ref)
     # the patch stage has 30 steps, the token stage 30
-    for name, marker in (("mid1", "patch K=2 step 7/30"), ("switch", "patch K=2 step 30/30"),
-                         ("mid2", "token K=1 step 12/30")):
+    for name, marker in (("mid1", "patch K=2 step 7/30 "), ("switch", "patch K=2 step 30/30 "),
+                         ("mid2", "token K=1 step 12/30 ")):
         out = tmp_path / name
         rc, printed = kill_when(tiny_cli(data_dir, out, *args), marker)
         assert rc == -signal.SIGKILL, f"{name}: the run ended before it was killed:\n{printed}"
@@ -329,62 +372,93 @@ def test_sigkill_at_three_points_then_resume_gives_identical_weights(data_dir, t
         for key in expected:
             assert torch.equal(got[key], expected[key]), f"{name}: {key} differs after resume"
         with open(out / "summary.json") as f, open(ref / "summary.json") as g:
-            assert json.load(f)["val_loss"] == json.load(g)["val_loss"]
+            a, b = json.load(f), json.load(g)
+            assert a["val_loss"] == b["val_loss"] and a["history"] == b["history"]
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(data_dir, tmp_path, sig):
     out = tmp_path / "run"
     args = ["--k", "2", "--lam", "0.5", "--tokens", str(16 * 16 * 200)]
-    proc = subprocess.Popen(tiny_cli(data_dir, out, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=HERE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for line in proc.stdout:
-        if "patch K=2 step 13/" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 130, rest
-    assert "interrupted" in rest
+    rc, printed = kill_when(tiny_cli(data_dir, out, *args), "patch K=2 step 13/", sig)
+    assert rc == 130, printed
+    assert f"interrupted; {out}/ckpt.pt continues with --resume" in printed
     ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["stage_idx"] == 0 and 13 <= ckpt["step"] < 100  # saved mid-interval, not at an eval
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so(data_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(self, stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P.Run, "evaluate", interrupted)
+    result = refused(capsys, tiny_cli(data_dir, tmp_path / "o"), code=130)
+    assert "before the first checkpoint, so there is nothing to resume" in result.stderr
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed(data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt.tmp4242").write_bytes(b"half a checkpoint")
+    P.train(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 4), log=quiet)
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "summary.json"]
 
 
 # ---------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit code 2, nothing overwritten
 
 
-def assert_refused(result, *words):
-    assert result.returncode == 2, result.stdout + result.stderr
+def assert_refused(result, *words, code=2):
+    assert result.returncode == code, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for w in words:
         assert w in lines[0], lines[0]
 
 
-def refused(capsys, cmd):
-    """Run patchgpt's main() in this process (much faster than a subprocess) and return what a
+def refused(capsys, cmd, code=2):
+    """Run the program's main() in this process (much faster than a subprocess) and return what a
     shell would see: exit code and output."""
+    module = {"patchgpt.py": P, "compare.py": compare, "sample.py": sample, "bench.py": bench}[os.path.basename(cmd[1])]
+    parser = module.build_parser()
+    parser.prog = os.path.basename(cmd[1])
     with pytest.raises(SystemExit) as exit_info:
-        P.main(cmd[2:])
+        P.main(cmd[2:], parser=parser, action=None if module is P else module.run)
     out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(cmd, exit_info.value.code, out, err)
+    result = subprocess.CompletedProcess(cmd, exit_info.value.code, out, err)
+    assert_refused(result, code=code)
+    return result
 
 
 def test_refusal_from_the_real_command_line(data_dir, tmp_path):
-    assert_refused(run_cli(tiny_cli(data_dir, tmp_path / "o", "--k", "0")), "--k", "whole number")
+    assert_refused(run_cli(tiny_cli(data_dir, tmp_path / "o", "--k", "0")), "--k", "integer in [1, 1024]")
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--k", "0"], ["--k", "whole number"]),
-    (["--k", "2.5"], ["--k", "whole number"]),
-    (["--k", "four"], ["--k"]),
-    (["--lam", "1"], ["no token-level stage"]),
-    (["--lam", "-0.1"], ["0 <= lam < 1"]),
-    (["--lam", "1.5"], ["0 <= lam < 1"]),
-    (["--k", "2,4"], ["--compare"]),
-    (["--n_embd", "31"], ["divisible"]),
-    (["--block_size", "100000", "--tokens", "1e9"], ["fewer than one sequence"]),
+    (["--k", "0"], ["--k", "an integer in [1, 1024], got 0"]),
+    (["--k", "2.5"], ["--k", "integer"]),
+    (["--k", "four"], ["--k", "invalid number value"]),
+    (["--k", "2,4"], ["--k"]),
+    (["--lam", "1"], ["--lam", "[0, 1)"]),
+    (["--lam", "-0.1"], ["--lam", "[0, 1)"]),
+    (["--lam", "nan"], ["--lam"]),
+    (["--lr", "0"], ["--lr", "(0, 10]"]),
+    (["--min_lr", "-1"], ["--min_lr", "[0, lr]"]),
+    (["--min_lr", "nan"], ["--min_lr"]),
+    (["--min_lr", "0.01"], ["--min_lr 0.01 must be <= --lr 0.003"]),
+    (["--warmup_iters", "-1"], ["--warmup_iters"]),
     (["--tokens", "0"], ["--tokens"]),
+    (["--tokens", "1e20"], ["--tokens", "1e14"]),
+    (["--tokens", "inf"], ["--tokens"]),
+    (["--decay_frac", "2"], ["--decay_frac"]),
+    (["--schedule", "linear"], ["--schedule", "invalid choice"]),
+    (["--n_embd", "31"], ["multiple of --n_head"]),
+    (["--block_size", "100000", "--tokens", "1e9"], ["fewer than one sequence"]),
+    (["--device", "gpu7"], ["--device gpu7", "no such device"]),
+    (["--device", "cuda:3"], ["--device cuda:3", "no such device"]),
+    (["--resume", "--overwrite"], ["pass one"]),
     (["--bogus"], ["unrecognized"]),
 ])
 def test_bad_flags_are_refused(data_dir, tmp_path, capsys, flags, words):
@@ -393,13 +467,11 @@ def test_bad_flags_are_refused(data_dir, tmp_path, capsys, flags, words):
 
 
 def test_bad_data_files_are_refused(tmp_path, capsys):
-    cases = {
-        "missing": None,
-        "empty": b"",
-        "odd": b"\x01\x00\x02",
-        "foreign": np.array([5, 60000, 7], dtype=np.uint16).tobytes(),
-    }
-    words = {"missing": "not found", "empty": "empty", "odd": "odd size", "foreign": "60000"}
+    cases = {"missing": None, "empty": b"", "odd": b"\x01\x00\x02",
+             "foreign": np.array([5, 60000, 7] * 100, dtype=np.uint16).tobytes(),
+             "padding id": np.array([5, 50300, 7] * 100, dtype=np.uint16).tobytes()}
+    words = {"missing": "not found", "empty": "not uint16 tokens", "odd": "not uint16 tokens",
+             "foreign": "60000 >= 50257", "padding id": "50300 >= 50257"}
     for name, content in cases.items():
         d = tmp_path / name
         d.mkdir()
@@ -410,64 +482,110 @@ def test_bad_data_files_are_refused(tmp_path, capsys):
         assert not (tmp_path / f"out_{name}").exists()
 
 
+def test_an_out_dir_that_is_a_file_or_a_full_disk_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
+    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "afile")), "afile")
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    real_open = open
+    monkeypatch.setattr(P, "open", lambda p, mode: real_open("/dev/full", mode), raising=False)
+    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "full")), "No space left on device",
+                   "while writing")
+    assert [n for n in os.listdir(tmp_path / "full") if ".tmp" in n] == []
+
+
 def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
-    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "none", "--resume")), "no checkpoint")
+    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "none", "--resume")), "no checkpoint",
+                   "run without --resume")
     good = tmp_path / "good"
     P.main(tiny_cli(data_dir, good, "--tokens", "1024")[2:])
     capsys.readouterr()
     blob = (good / "ckpt.pt").read_bytes()
-    for name, content, words in (("truncated", blob[: len(blob) // 2], "not a readable checkpoint"),
-                                 ("garbage", b"hello", "not a readable checkpoint")):
+    for name, content in (("truncated", blob[: len(blob) // 2]), ("garbage", b"hello")):
         d = tmp_path / name
         d.mkdir()
         (d / "ckpt.pt").write_bytes(content)
-        assert_refused(refused(capsys, tiny_cli(data_dir, d, "--resume")), words)
+        assert_refused(refused(capsys, tiny_cli(data_dir, d, "--resume")), "not a checkpoint of this patchgpt")
         assert (d / "ckpt.pt").read_bytes() == content
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     torch.save({"state_dict": {}}, foreign / "ckpt.pt")
-    assert_refused(refused(capsys, tiny_cli(data_dir, foreign, "--resume")), "not a patchgpt checkpoint")
+    assert_refused(refused(capsys, tiny_cli(data_dir, foreign, "--resume")), "not a checkpoint of this patchgpt")
     # a different run in the out dir: refused, and the checkpoint there is untouched
     assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "1024")), "already holds a run")
     assert (good / "ckpt.pt").read_bytes() == blob
-    assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "2048", "--resume")), "tokens=")
+    assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "2048", "--resume")), "--tokens 1024")
     assert (good / "ckpt.pt").read_bytes() == blob
 
 
+def test_help_shows_real_defaults_from_the_field_comments(capsys):
+    for module in (P, compare, bench, sample):
+        with pytest.raises(SystemExit):
+            module.build_parser().parse_args(["--help"])
+        text = capsys.readouterr().out
+        assert "(default: )" not in text and "None" not in text, module.__name__
+    P.build_parser().print_help()
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[0, 1) fraction of the tokens trained at patch level" in text
+    assert "(default: 0.67)" in text and "default: out/k{K}_lam{lam}" in text
+
+
+def test_sample_refusals(tmp_path, capsys):
+    cmd = [sys.executable, "sample.py", "--out_dir", str(tmp_path)]
+    assert_refused(refused(capsys, cmd), "no checkpoint", "train one first")
+    assert_refused(refused(capsys, cmd + ["--temperature", "0"]), "--temperature > 0")
+
+
 # ---------------------------------------------------------------------------------------------
-# compare mode
+# compare.py
 
 
 def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     N = 16 * 16 * 16
-    tc = tiny_train_config(data_dir, tmp_path / "cmp", tokens=N)
+    tc = tiny_train_config(data_dir, "unused", tokens=N)
+    lists = {"k": [2, 4], "lam": [0.5], "schedule": ["restart"]}
+    root = str(tmp_path / "cmp")
     lines = []
-    results = P.compare(TINY, tc, [2, 4], [0.5], log=lines.append)
+    results = compare.compare(TINY, tc, lists, root, log=lines.append)
     names = [r["name"] for r in results]
     assert names == ["baseline", "patch_k2_lam0.5", "patch_k4_lam0.5", "baseline_cost0.625", "baseline_cost0.75"]
     by = {r["name"]: r["summary"] for r in results}
-    assert by["baseline"]["total"]["tokens"] == N
-    assert by["baseline"]["stages"][0]["K"] == 1 and len(by["baseline"]["stages"]) == 1
+    assert sum(by["baseline"]["tokens"]) == N and by["baseline"]["stages"] == ["token"]
     for cost in (0.625, 0.75):
-        s = by[f"baseline_cost{cost:g}"]
-        assert abs(s["total"]["tokens"] - cost * N) <= 256 / 2 + 1
-    for K in (2, 4):
-        s = by[f"patch_k{K}_lam0.5"]
-        flops_rel = s["total"]["flops"] / by["baseline"]["total"]["flops"]
-        assert flops_rel == pytest.approx(P.cost_factor(K, 0.5), rel=0.05)
-    table = "\n".join(lines)
-    assert "patch_k4_lam0.5" in table and "FLOPs" in table
+        assert abs(sum(by[f"baseline_cost{cost:g}"]["tokens"]) - cost * N) <= 256 / 2 + 1
     row = next(line for line in lines if line.startswith("patch_k4_lam0.5"))
-    assert float(row.split()[4]) == pytest.approx(0.625, rel=0.05)  # the table's FLOPs column
+    assert float(row.split()[4]) == pytest.approx(0.625, rel=0.05)  # the compute column
+    gap = by["patch_k4_lam0.5"]["val_loss"] - by["baseline_cost0.625"]["val_loss"]
+    assert row.split()[-1] == f"{gap:+.4f}"  # the equal-compute gap
     with open(tmp_path / "cmp" / "results.json") as f:
         assert [r["name"] for r in json.load(f)["results"]] == names
     # again into the same folder: refused without --resume; with it, the finished runs are reused
     with pytest.raises(P.UserError, match="already holds a run"):
-        P.compare(TINY, tc, [2], [0.5], log=lambda *a: None)
+        compare.compare(TINY, tc, lists, root, log=quiet)
     lines = []
-    again = P.compare(TINY, replace(tc, resume=True), [2, 4], [0.5], log=lines.append)
+    again = compare.compare(TINY, replace(tc, resume=True), lists, root, log=lines.append)
     assert sum("finished earlier" in line for line in lines) == 5
     assert [r["summary"]["val_loss"] for r in again] == [r["summary"]["val_loss"] for r in results]
+
+
+def test_compare_plans_schedule_families_and_drops_repeats():
+    args = argparse.Namespace(k="4,2,4", lam="0.5", schedule="restart,global,wsd,wsd")
+    lists = compare.parse_lists(args)
+    assert lists == {"k": [4, 2], "lam": [0.5], "schedule": ["restart", "global", "wsd"]}
+    runs = compare.plan_runs(argparse.Namespace(tokens=1000), lists)
+    names = [r[0] for r in runs]
+    assert len(names) == len(set(names))
+    # restart and global share their one-stage baselines (the same run); wsd has its own
+    assert {n for n in names if "baseline" in n} == {"baseline", "baseline_cost0.625", "baseline_cost0.75",
+                                                     "wsd_baseline", "wsd_baseline_cost0.625", "wsd_baseline_cost0.75"}
+    assert {n for n in names if "patch" in n} == {f"{p}patch_k{k}_lam0.5" for p in ("", "global_", "wsd_")
+                                                  for k in (4, 2)}
+    assert all(s == "wsd" for n, s, *_ in runs if n.startswith("wsd_"))
+
+
+def test_compare_refuses_a_bad_list_value_before_training(data_dir, tmp_path, capsys):
+    cmd = tiny_cli(data_dir, tmp_path / "cmp", "--k", "2,0", script="compare.py")
+    assert_refused(refused(capsys, cmd), "--k", "integer in [1, 1024], got 0")
+    assert not (tmp_path / "cmp").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,10 +597,10 @@ def ddp_worker(rank, world, port, data_dir, out_dir, result_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tc = tiny_train_config(data_dir, out_dir, batch_size=4, grad_accum=4, tokens=16 * 16 * 12)
-    run = P.Run(TINY, tc, log=lambda *a: None)
+    run = P.Run(TINY, tc, log=quiet)
     os.makedirs(out_dir, exist_ok=True)
-    for stage in run.stages:
-        P.run_stage(run, stage)
+    while run.stage_idx < len(run.stages):
+        run.train_stage()
     torch.save({"model": run.raw_model.state_dict(), "tokens": run.tokens_seen,
                 "steps": [s.steps for s in run.stages]}, os.path.join(result_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -502,10 +620,10 @@ def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
     # one process with the same tokens per step sees the same batches: same accounting, same weights
     tc = tiny_train_config(data_dir, tmp_path / "single", batch_size=4, grad_accum=4, tokens=16 * 16 * 12)
     torch.set_num_threads(1)
-    run = P.Run(TINY, tc, log=lambda *a: None)
+    run = P.Run(TINY, tc, log=quiet)
     os.makedirs(tc.out_dir)
-    for stage in run.stages:
-        P.run_stage(run, stage)
+    while run.stage_idx < len(run.stages):
+        run.train_stage()
     assert r0["tokens"] == run.tokens_seen and r0["steps"] == [s.steps for s in run.stages]
     single = run.raw_model.state_dict()
     for key in single:
@@ -517,10 +635,8 @@ def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
 
 
 def test_peak_tensor_memory_counts_live_storages_once():
-    from bench import PeakTensorMemory
-
     w = torch.zeros(100, 100)
-    with PeakTensorMemory(known=[w]) as mem:
+    with bench.PeakTensorMemory(known=[w]) as mem:
         a = torch.ones(1000, 1000)  # 4 MB
         view = a[:10].t()  # a view: no new storage
         b = a * 2  # 4 MB more
@@ -534,14 +650,12 @@ def test_peak_tensor_memory_counts_live_storages_once():
 def test_next_patch_loss_never_copies_the_logits_k_times():
     """Peak memory of the loss and its backward at K=4 is that of K=1 on the same logits; a loss that
     repeated each row K times (the naive way to score K targets) would be seen as K times bigger."""
-    from bench import PeakTensorMemory
-
     B, T, V, K = 2, 8, 5000, 4
 
     def peak(loss_fn, n_targets):
         logits = torch.randn(B, T, V, requires_grad=True)
         targets = torch.randint(0, V, (B, T * n_targets))
-        with PeakTensorMemory(known=[logits]) as mem:
+        with bench.PeakTensorMemory(known=[logits]) as mem:
             loss_fn(logits, targets).backward()
         return mem.peak
 
@@ -555,9 +669,7 @@ def test_next_patch_loss_never_copies_the_logits_k_times():
     assert peak(repeated, K) > 2 * token_step
 
 
-def test_bench_times_both_stages(data_dir):
-    import bench
-
+def test_bench_times_both_stages(data_dir, capsys):
     lines = []
     tc = tiny_train_config(data_dir, "", k=4, lam=0.5)
     result = bench.bench(TINY, tc, warmup_steps=1, timed_steps=2, log=lines.append)
@@ -571,6 +683,8 @@ def test_bench_times_both_stages(data_dir):
     assert result["speedup"] == pytest.approx(patch["tok_s"] / token["tok_s"])
     assert result["run_ratio"] == pytest.approx(0.5 * token["tok_s"] / patch["tok_s"] + 0.5)
     assert any(line.startswith("whole run --k 4") for line in lines)
+    cmd = tiny_cli(data_dir, "", "--timed_steps", "0", script="bench.py")
+    assert_refused(refused(capsys, cmd), "--timed_steps >= 1")
 
 
 def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
@@ -591,8 +705,31 @@ def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
     other_val = tmp_path / "other_val.bin"
     np.fromfile(data_dir / "train.bin", dtype=np.uint16)[:4000].tofile(other_val)  # a different text
     tc = tiny_train_config(data_dir, tmp_path / "a", tokens=16 * 16 * 4)
-    own = P.train(TINY, tc, log=lambda *a: None)
-    sep = P.train(TINY, replace(tc, out_dir=str(tmp_path / "b"), val_bin=str(other_val)), log=lambda *a: None)
-    run = P.Run(TINY, replace(tc, val_bin=str(other_val)), log=lambda *a: None)
+    own = P.train(TINY, tc, log=quiet)
+    sep = P.train(TINY, replace(tc, out_dir=str(tmp_path / "b"), val_bin=str(other_val)), log=quiet)
+    run = P.Run(TINY, replace(tc, val_bin=str(other_val)), log=quiet)
     assert len(run.val_data) == 4000
     assert sep["val_loss"] != own["val_loss"]  # same weights (same seed), another evaluation set
+
+
+# ---------------------------------------------------------------------------------------------
+# the first run of a new user: no network, no tiktoken cache, only what ships with the project
+
+
+def test_default_run_and_sampling_work_offline_from_a_fresh_folder(tmp_path):
+    offline = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
+    offline.update(TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"), PYTHONUNBUFFERED="1",
+                   **{p: "http://127.0.0.1:9" for p in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
+    os.makedirs(offline["TIKTOKEN_CACHE_DIR"])
+    small = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+             "--grad_accum", "1", "--tokens", "4096", "--eval_iters", "1", "--device", "cpu"]
+    run = subprocess.run([sys.executable, os.path.join(HERE, "patchgpt.py"), "--k", "4", "--lam", "0.67", *small],
+                         capture_output=True, text=True, cwd=tmp_path, env=offline, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "preparing Tiny Shakespeare" in run.stdout and "final token-level val loss" in run.stdout
+    assert (tmp_path / "data" / "tinyshakespeare" / "train.bin").stat().st_size == 2 * 301_966
+    out = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--prompt", "ROMEO:", "--num_samples",
+                          "1", "--max_new_tokens", "5", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=tmp_path, env=offline, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("note: this checkpoint") is False and out.stdout.startswith("ROMEO:")

@@ -1,0 +1,171 @@
+"""
+compare.py: patch-level runs against token-level baselines on the same data, seed and model: the baseline
+on the same tokens (equal data) and a baseline on cost x the tokens (equal compute, cost = lam/K + 1 - lam).
+Prints a table, writes results.json and, with matplotlib installed, compare.png (token-level val loss
+against tokens and against compute, like the paper's Figure 1).
+
+  python compare.py --k 4 --lam 0.67           # 3 runs: baseline, K=4 lam=0.67, equal-compute baseline
+  python compare.py --k 2,4 --lam 0.25,0.5,0.67 --schedule restart,wsd --out_dir out/grid --resume
+--k, --lam and --schedule take comma-separated lists; every other patchgpt.py flag passes through to all
+runs (--tokens, --data_dir, --val_bin, the model's size, ...). With --resume, finished runs with the same
+settings are reused and unfinished ones continue, so an interrupted grid picks up where it stopped.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, replace
+
+import numpy as np
+
+import patchgpt as P
+
+LISTS = {"k": "patch sizes", "lam": "fractions of the tokens at patch level", "schedule": "schedules"}
+
+
+def build_parser():
+    p = P.build_parser("Patch-level training against token-level baselines of equal data and equal compute.")
+    for name, what in LISTS.items():
+        p.add_argument(f"--{name}", default=str(getattr(P.TrainConfig, name)), help=f"comma-separated {what}")
+    p.add_argument("--out_dir", default="out/compare", help="one folder per run inside, results.json, compare.png")
+    return p
+
+
+def parse_lists(args):
+    """Each value of a list checked as patchgpt.py checks its flag (one line, exit 2 if bad); repeats
+    dropped, so that a grid never trains a run twice or meets its own folder."""
+    single = P.build_parser()
+    return {name: list(dict.fromkeys(getattr(single.parse_args([f"--{name}", text.strip()]), name)
+                                     for text in str(getattr(args, name)).split(",")))
+            for name in LISTS}
+
+
+def plan_runs(args, lists):
+    """(name, schedule, K, lam, tokens) of every run: per schedule family the baseline, the patch runs and
+    one equal-compute baseline per distinct cost. A one-stage run is the same under restart and global."""
+    N, runs = args.tokens, []
+    for schedule in lists["schedule"]:
+        family = "wsd" if schedule == "wsd" else "restart"
+        pre = "" if schedule == "restart" else f"{schedule}_"
+        base = "" if family == "restart" else "wsd_"
+        runs.append((f"{base}baseline", family, 1, 0.0, N))
+        costs = []
+        for K in lists["k"]:
+            for lam in lists["lam"]:
+                if K > 1 and lam > 0:
+                    runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
+                    costs.append(round(P.cost_factor(K, lam), 4))
+        runs += [(f"{base}baseline_cost{c:g}", family, 1, 0.0, round(c * N)) for c in sorted(set(costs))]
+    return list(dict((r[0], r) for r in runs).values())  # a baseline shared by restart and global runs once
+
+
+def compare(mc, tc, lists, root, log=print):
+    runs, results = plan_runs(tc, lists), []
+    configs = [(name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))
+               for name, s, K, lam, n in runs]
+    for _, sub in configs:  # refuse a bad plan before the first run trains, not minutes into the grid
+        P.plan_stages(sub, mc.block_size)
+    for name, sub in configs:
+        summary = finished(mc, sub) if tc.resume else None
+        if summary:
+            log(f"== {name}: finished earlier, reusing {sub.out_dir}/summary.json")
+        else:
+            log(f"== {name}: K={sub.k} lam={sub.lam:g} schedule={sub.schedule} tokens={sub.tokens:,}")
+            resume = tc.resume and os.path.exists(os.path.join(sub.out_dir, "ckpt.pt"))
+            summary = P.train(mc, replace(sub, resume=resume), log)
+        results.append({"name": name, "k": sub.k, "lam": sub.lam, "schedule": sub.schedule,
+                        "tokens": sub.tokens, "summary": summary})
+    for line in table(results):
+        log(line)
+    os.makedirs(root, exist_ok=True)
+    P.atomic_write(os.path.join(root, "results.json"), json.dumps(
+        {"model": asdict(mc), "train": asdict(tc), "results": results}, indent=1).encode())
+    plot(results, tc, os.path.join(root, "compare.png"), log)
+    return results
+
+
+def finished(mc, tc):
+    """The summary of a finished run in tc.out_dir with exactly these settings, else None."""
+    path = os.path.join(tc.out_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("identity") == json.loads(json.dumps(P.identity(mc, tc))) else None
+
+
+def baseline_of(r, results, tokens):
+    """The token-level run of r's schedule family on the given number of tokens, if there is one."""
+    family = "wsd" if r["schedule"] == "wsd" else "restart"
+    return next((b for b in results if b["k"] == 1 and b["schedule"] == family and b["tokens"] == tokens), None)
+
+
+def table(results):
+    """val loss; compute and wall time relative to the baseline on the same tokens; the gaps to the
+    baselines of equal data and of equal compute (negative: the patch run is better)."""
+    lines = [f"{'run':<30}{'tokens':>11}{'val loss':>10}{'ppl':>9}{'compute':>9}{'time':>7}"
+             f"{'gap same data':>15}{'gap same compute':>18}"]
+    for r in results:
+        s, same = r["summary"], baseline_of(r, results, r["tokens"])
+        cheap = baseline_of(r, results, round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"]))
+        gap = [f"{s['val_loss'] - b['summary']['val_loss']:+.4f}" if b and r["k"] > 1 else "-" for b in (same, cheap)]
+        rel = (f"{s['compute_cost'] * sum(s['tokens']) / sum(same['summary']['tokens']):>9.3f}"
+               f"{sum(s['time']) / sum(same['summary']['time']):>7.3f}" if same else f"{'-':>9}{'-':>7}")
+        lines.append(f"{r['name']:<30}{sum(s['tokens']):>11,}{s['val_loss']:>10.4f}{math.exp(s['val_loss']):>9.2f}"
+                     f"{rel}{gap[0]:>15}{gap[1]:>18}")
+    return lines
+
+
+def curve(r):
+    """(tokens, compute in positions, val loss) at each evaluation of a run; a patch is one position."""
+    s = r["summary"]
+    patch_tokens = s["tokens"][0] if len(s["tokens"]) == 2 else 0
+    return [(h["tokens"], min(h["tokens"], patch_tokens) / r["k"] + max(0, h["tokens"] - patch_tokens),
+             h["val_loss"]) for h in s["history"]]
+
+
+def plot(results, tc, path, log=print):
+    """Token-level val loss against training tokens and against compute. The y axis starts just above
+    the loss of the training data's unigram distribution, so the curves' differences are not squashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot (pip install matplotlib); results.json has the curves")
+        return
+    counts = np.bincount(np.memmap(os.path.join(tc.data_dir, "train.bin"), dtype=np.uint16, mode="r"))
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())  # the loss of predicting every token by its frequency alone
+    lowest = min(h["val_loss"] for r in results for h in r["summary"]["history"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for i, r in enumerate(results):
+        pts = curve(r)
+        switch = next((j for j, h in enumerate(r["summary"]["history"]) if h["stage"] == "token"), 0)
+        for ax, x in zip(axes, (0, 1)):
+            style = dict(color=f"C{i % 10}", label=r["name"])
+            if switch:  # the patch stage dotted, joined to the token stage at the switch
+                ax.plot([q[x] for q in pts[:switch + 1]], [q[2] for q in pts[:switch + 1]], ":", color=style["color"])
+            ax.plot([q[x] for q in pts[switch:]], [q[2] for q in pts[switch:]], "-", **style)
+    for ax, xlabel in zip(axes, ("training tokens", "training compute (positions: a patch is one)")):
+        ax.set(xscale="log", xlabel=xlabel, ylabel="token-level val loss", ylim=(lowest - 0.05, unigram + 0.3))
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"patch-level training (dotted: patch stage) vs token-level baselines; "
+                 f"y from the unigram loss ({unigram:.2f}) down")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+def run(args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise P.UserError("compare.py runs one process; launch it without torchrun")
+    lists = parse_lists(args)
+    for name in LISTS:
+        setattr(args, name, lists[name][0])
+    mc, tc = P.configs(args)  # every run gets its own folder inside --out_dir
+    return compare(mc, tc, lists, args.out_dir)
+
+
+if __name__ == "__main__":
+    P.main(parser=build_parser(), action=run)

@@ -1,0 +1,82 @@
+"""
+sample.py: generate text from a patchgpt checkpoint. After stage 2 the model is an ordinary GPT, so
+sampling is plain token-level sampling, one token at a time.
+
+  python sample.py --out_dir out/k4_lam0.67 --prompt "ROMEO:" --num_samples 2 --max_new_tokens 100
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import patchgpt as P
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
+    """idx: (B, T) token ids; appends max_new_tokens sampled ids to each row."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, T, vocab)
+        # only real gpt2 ids: the padding rows of the embedding table have no text to decode to
+        logits = logits[:, -1, :P.GPT2_VOCAB] / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
+    return idx
+
+
+def sample(out_dir, prompt="", num_samples=3, max_new_tokens=200, temperature=0.8, top_k=200, device="auto",
+           seed=1337, log=print):
+    from prepare_data import PrepareError, get_encoding
+
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = P.load_checkpoint(path, missing=f"to sample from; train one first (python patchgpt.py --out_dir {out_dir})")
+    model = P.GPT(P.GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    device = P.pick_device(device)
+    model.to(device).eval()
+    stages = P.plan_stages(P.TrainConfig(**ckpt["train_config"]), model.config.block_size)
+    i = ckpt["stage_idx"]  # the stage it would train next: a patch stage, or a token stage not begun
+    if i < len(stages) and (stages[i].K > 1 or (i > 0 and ckpt["step"] == 0)):
+        log("note: this checkpoint has had no token-level training yet; expect poor samples")
+    try:
+        enc = get_encoding()
+    except PrepareError as e:
+        raise P.UserError(str(e)) from None
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]
+    torch.manual_seed(seed)
+    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    texts = [enc.decode(row.tolist()) for row in generate(model, x, max_new_tokens, temperature, top_k)]
+    for text in texts:
+        log(text + "\n" + "-" * 40)
+    return texts
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Generate text from a patchgpt checkpoint.")
+    p.error = lambda message: P.die(message, p.prog)  # one line and exit code 2, as patchgpt.py
+    d = " (default: %(default)s)"
+    p.add_argument("--out_dir", default="out/k4_lam0.67", help="the run's folder, with its ckpt.pt" + d)
+    p.add_argument("--prompt", default="", help="text to continue (default: none, start from <|endoftext|>)")
+    p.add_argument("--num_samples", type=int, default=3, help="how many samples" + d)
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to add to each sample" + d)
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, > 0" + d)
+    p.add_argument("--top_k", type=int, default=200, help="sample among the top_k likeliest tokens" + d)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps" + d)
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling" + d)
+    return p
+
+
+def run(args):
+    if not (args.temperature > 0 and args.top_k >= 1 and args.num_samples >= 1 and args.max_new_tokens >= 0
+            and args.seed >= 0):
+        raise P.UserError("needs --temperature > 0, --top_k >= 1, --num_samples >= 1, --max_new_tokens >= 0, "
+                          "--seed >= 0")
+    sample(args.out_dir, args.prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+           args.device, args.seed)
+
+
+if __name__ == "__main__":
+    P.main(parser=build_parser(), action=run)
