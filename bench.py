@@ -13,7 +13,8 @@ a count of tensor storages kept by PeakTensorMemory below during one extra, unti
 Usage (takes every patchgpt.py flag, plus --warmup_steps and --timed_steps):
   CPU, the default model:   python bench.py --k 4
   one GPU, GPT-2 124M:      python bench.py --device cuda --compile --k 4 --lam 0.67 \\
-                                --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 16 --grad_accum 4
+                                --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 \\
+                                --batch_size 16 --grad_accum 4
 """
 
 import json

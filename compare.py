@@ -25,8 +25,10 @@ LISTS = {"k": "patch sizes", "lam": "fractions of the tokens at patch level", "s
 def build_parser():
     p = P.build_parser("Patch-level training against token-level baselines of equal data and equal compute.")
     for name, what in LISTS.items():
-        p.add_argument(f"--{name}", default=str(getattr(P.TrainConfig, name)), help=f"comma-separated {what}")
-    p.add_argument("--out_dir", default="out/compare", help="one folder per run inside, results.json, compare.png")
+        p.add_argument(f"--{name}", default=str(getattr(P.TrainConfig, name)),
+                       help=f"comma-separated {what} (default: %(default)s)")
+    p.add_argument("--out_dir", default="out/compare",
+                   help="a folder per run, results.json and compare.png (default: %(default)s)")
     return p
 
 
@@ -96,7 +98,7 @@ def finished(mc, tc):
 def baseline_of(r, results, tokens):
     """The token-level run of r's schedule family on the given number of tokens, if there is one."""
     family = "wsd" if r["schedule"] == "wsd" else "restart"
-    return next((b for b in results if b["k"] == 1 and b["schedule"] == family and b["tokens"] == tokens), None)
+    return next((b for b in results if (b["k"], b["schedule"], b["tokens"]) == (1, family, tokens)), None)
 
 
 def table(results):
@@ -107,11 +109,12 @@ def table(results):
     for r in results:
         s, same = r["summary"], baseline_of(r, results, r["tokens"])
         cheap = baseline_of(r, results, round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"]))
-        gap = [f"{s['val_loss'] - b['summary']['val_loss']:+.4f}" if b and r["k"] > 1 else "-" for b in (same, cheap)]
+        gap = [f"{s['val_loss'] - b['summary']['val_loss']:+.4f}" if b and r["k"] > 1 else "-"
+               for b in (same, cheap)]
         rel = (f"{s['compute_cost'] * sum(s['tokens']) / sum(same['summary']['tokens']):>9.3f}"
                f"{sum(s['time']) / sum(same['summary']['time']):>7.3f}" if same else f"{'-':>9}{'-':>7}")
-        lines.append(f"{r['name']:<30}{sum(s['tokens']):>11,}{s['val_loss']:>10.4f}{math.exp(s['val_loss']):>9.2f}"
-                     f"{rel}{gap[0]:>15}{gap[1]:>18}")
+        lines.append(f"{r['name']:<30}{sum(s['tokens']):>11,}{s['val_loss']:>10.4f}"
+                     f"{math.exp(s['val_loss']):>9.2f}{rel}{gap[0]:>15}{gap[1]:>18}")
     return lines
 
 
@@ -144,10 +147,12 @@ def plot(results, tc, path, log=print):
         for ax, x in zip(axes, (0, 1)):
             style = dict(color=f"C{i % 10}", label=r["name"])
             if switch:  # the patch stage dotted, joined to the token stage at the switch
-                ax.plot([q[x] for q in pts[:switch + 1]], [q[2] for q in pts[:switch + 1]], ":", color=style["color"])
+                ax.plot([q[x] for q in pts[:switch + 1]], [q[2] for q in pts[:switch + 1]], ":",
+                        color=style["color"])
             ax.plot([q[x] for q in pts[switch:]], [q[2] for q in pts[switch:]], "-", **style)
     for ax, xlabel in zip(axes, ("training tokens", "training compute (positions: a patch is one)")):
-        ax.set(xscale="log", xlabel=xlabel, ylabel="token-level val loss", ylim=(lowest - 0.05, unigram + 0.3))
+        ax.set(xscale="log", xlabel=xlabel, ylabel="token-level val loss",
+               ylim=(lowest - 0.05, unigram + 0.3))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"patch-level training (dotted: patch stage) vs token-level baselines; "

@@ -32,7 +32,8 @@ def sample(out_dir, prompt="", num_samples=3, max_new_tokens=200, temperature=0.
     from prepare_data import PrepareError, get_encoding
 
     path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = P.load_checkpoint(path, missing=f"to sample from; train one first (python patchgpt.py --out_dir {out_dir})")
+    train_first = f"to sample from; train one first (python patchgpt.py --out_dir {out_dir})"
+    ckpt = P.load_checkpoint(path, missing=train_first)
     model = P.GPT(P.GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     device = P.pick_device(device)
@@ -72,8 +73,8 @@ def build_parser():
 def run(args):
     if not (args.temperature > 0 and args.top_k >= 1 and args.num_samples >= 1 and args.max_new_tokens >= 0
             and args.seed >= 0):
-        raise P.UserError("needs --temperature > 0, --top_k >= 1, --num_samples >= 1, --max_new_tokens >= 0, "
-                          "--seed >= 0")
+        raise P.UserError("needs --temperature > 0, --top_k >= 1, --num_samples >= 1, "
+                          "--max_new_tokens >= 0, --seed >= 0")
     sample(args.out_dir, args.prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
            args.device, args.seed)
 
