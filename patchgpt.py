@@ -68,7 +68,6 @@ RESUMABLE = ("out_dir", "device", "compile", "resume", "overwrite", "eval_interv
 
 # --- model: a nanoGPT-class GPT; the only patch-specific lines are in forward() and the patch ops
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         C, self.n_head = config.n_embd, config.n_head
@@ -88,7 +87,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -414,6 +412,8 @@ def train(mc, tc, log=print):
                                 else "before the first checkpoint, so there is nothing to resume") from None
     finally:
         for s, handler in old: signal.signal(s, handler)
+    if not run.master:
+        return None  # the other processes of a DDP run have neither the evaluations nor a summary
     tokens = [s.steps * s.tokens_per_step for s in run.stages]
     tok_s = [n / max(t, 1e-9) for n, t in zip(tokens, run.train_time)]
     summary = {"k": tc.k, "lam": tc.lam, "stages": [s.name for s in run.stages], "tokens": tokens,
@@ -422,11 +422,10 @@ def train(mc, tc, log=print):
                # wall time against a token-level run of the same tokens at this run's own token-stage speed
                "measured_cost": sum(run.train_time) / (sum(tokens) / tok_s[-1]),
                "val_loss": run.history[-1]["val_loss"], "history": run.history, "identity": identity(mc, tc)}
-    if run.master:
-        atomic_write(os.path.join(tc.out_dir, "summary.json"), json.dumps(summary, indent=1).encode())
-        log(f"cost vs token-level training of the same tokens: predicted {summary['predicted_cost']:.3f}, "
-            f"compute {summary['compute_cost']:.3f}, measured wall time {summary['measured_cost']:.3f}")
-        log(f"final token-level val loss {summary['val_loss']:.4f}, ppl {math.exp(summary['val_loss']):.1f}")
+    atomic_write(os.path.join(tc.out_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+    log(f"cost vs token-level training of the same tokens: predicted {summary['predicted_cost']:.3f}, "
+        f"compute {summary['compute_cost']:.3f}, measured wall time {summary['measured_cost']:.3f}")
+    log(f"final token-level val loss {summary['val_loss']:.4f}, ppl {math.exp(summary['val_loss']):.1f}")
     return summary
 
 # --- command line: the flags are the config fields, their help the fields' comments

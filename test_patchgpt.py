@@ -611,11 +611,17 @@ def ddp_worker(rank, world, port, data_dir, out_dir, result_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tc = tiny_train_config(data_dir, out_dir, batch_size=4, grad_accum=4, tokens=16 * 16 * 12)
-    run = P.Run(TINY, tc, log=quiet)
-    os.makedirs(out_dir, exist_ok=True)
-    while run.stage_idx < len(run.stages):
-        run.train_stage()
-    torch.save({"model": run.raw_model.state_dict(), "tokens": run.tokens_seen,
+    runs = []
+
+    class Recorded(P.Run):  # the real train(), with a handle on each process's run
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runs.append(self)
+
+    P.Run = Recorded
+    summary = P.train(TINY, tc, log=quiet)
+    run = runs[0]
+    torch.save({"model": run.raw_model.state_dict(), "tokens": run.tokens_seen, "summary": summary,
                 "steps": [s.steps for s in run.stages]}, os.path.join(result_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -628,9 +634,11 @@ def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
         port = s.getsockname()[1]
     args = (2, port, str(data_dir), str(tmp_path / "ddp"), str(tmp_path))
     torch.multiprocessing.spawn(ddp_worker, args=args, nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for key in r0["model"]:
         assert torch.equal(r0["model"][key], r1["model"][key]), key
+    assert r0["summary"]["val_loss"] > 0 and r1["summary"] is None  # only rank 0 evaluates and saves
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt.pt", "summary.json"]
     # one process with the same tokens per step sees the same batches: same accounting, same weights
     tc = tiny_train_config(data_dir, tmp_path / "single", batch_size=4, grad_accum=4, tokens=16 * 16 * 12)
     torch.set_num_threads(1)
