@@ -29,6 +29,8 @@ def build_parser():
                        help=f"comma-separated {what} (default: %(default)s)")
     p.add_argument("--out_dir", default="out/compare",
                    help="a folder per run, results.json and compare.png (default: %(default)s)")
+    p.add_argument("--extra_val_bin", default="", help="also evaluate every run's final weights on this "
+                   ".bin (e.g. WikiText-103 test, the paper's metric): the table's 'extra ppl' column")
     return p
 
 
@@ -60,7 +62,7 @@ def plan_runs(args, lists):
     return list(dict((r[0], r) for r in runs).values())  # a baseline shared by restart and global runs once
 
 
-def compare(mc, tc, lists, root, log=print):
+def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
     runs, results = plan_runs(tc, lists), []
     configs = [(name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))
                for name, s, K, lam, n in runs]
@@ -76,6 +78,8 @@ def compare(mc, tc, lists, root, log=print):
             summary = P.train(mc, replace(sub, resume=resume), log)
         results.append({"name": name, "k": sub.k, "lam": sub.lam, "schedule": sub.schedule,
                         "tokens": sub.tokens, "summary": summary})
+        if extra_val_bin:
+            results[-1]["extra_val_loss"] = evaluate_on(mc, sub, extra_val_bin)
     for line in table(results):
         log(line)
     os.makedirs(root, exist_ok=True)
@@ -83,6 +87,14 @@ def compare(mc, tc, lists, root, log=print):
         {"model": asdict(mc), "train": asdict(tc), "results": results}, indent=1).encode())
     plot(results, tc, os.path.join(root, "compare.png"), log)
     return results
+
+
+def evaluate_on(mc, tc, val_bin):
+    """Token-level loss of a finished run's final weights on the fixed windows of another token file."""
+    run = P.Run(mc, replace(tc, val_bin=val_bin), log=lambda *a: None)
+    run.raw_model.load_state_dict(P.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))["model"])
+    run.evaluate(run.stages[-1])
+    return run.history[-1]["val_loss"]
 
 
 def finished(mc, tc):
@@ -104,8 +116,9 @@ def baseline_of(r, results, tokens):
 def table(results):
     """val loss; compute and wall time relative to the baseline on the same tokens; the gaps to the
     baselines of equal data and of equal compute (negative: the patch run is better)."""
+    extra = any("extra_val_loss" in r for r in results)
     lines = [f"{'run':<30}{'tokens':>11}{'val loss':>10}{'ppl':>9}{'compute':>9}{'time':>7}"
-             f"{'gap same data':>15}{'gap same compute':>18}"]
+             f"{'gap same data':>15}{'gap same compute':>18}" + (f"{'extra ppl':>11}" if extra else "")]
     for r in results:
         s, same = r["summary"], baseline_of(r, results, r["tokens"])
         cheap = baseline_of(r, results, round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"]))
@@ -114,7 +127,8 @@ def table(results):
         rel = (f"{s['compute_cost'] * sum(s['tokens']) / sum(same['summary']['tokens']):>9.3f}"
                f"{sum(s['time']) / sum(same['summary']['time']):>7.3f}" if same else f"{'-':>9}{'-':>7}")
         lines.append(f"{r['name']:<30}{sum(s['tokens']):>11,}{s['val_loss']:>10.4f}"
-                     f"{math.exp(s['val_loss']):>9.2f}{rel}{gap[0]:>15}{gap[1]:>18}")
+                     f"{math.exp(s['val_loss']):>9.2f}{rel}{gap[0]:>15}{gap[1]:>18}"
+                     + (f"{math.exp(r['extra_val_loss']):>11.2f}" if extra else ""))
     return lines
 
 
@@ -169,7 +183,7 @@ def run(args):
     for name in LISTS:
         setattr(args, name, lists[name][0])
     mc, tc = P.configs(args)  # every run gets its own folder inside --out_dir
-    return compare(mc, tc, lists, args.out_dir)
+    return compare(mc, tc, lists, args.out_dir, extra_val_bin=args.extra_val_bin)
 
 
 if __name__ == "__main__":

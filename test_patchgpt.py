@@ -576,9 +576,16 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     with pytest.raises(P.UserError, match="already holds a run"):
         compare.compare(TINY, tc, lists, root, log=quiet)
     lines = []
-    again = compare.compare(TINY, replace(tc, resume=True), lists, root, log=lines.append)
+    other = str(data_dir / "train.bin")  # another text to evaluate on, as WikiText-103 test would be
+    again = compare.compare(TINY, replace(tc, resume=True), lists, root, lines.append, extra_val_bin=other)
     assert sum("finished earlier" in line for line in lines) == 5
     assert [r["summary"]["val_loss"] for r in again] == [r["summary"]["val_loss"] for r in results]
+    assert "extra ppl" in lines[-len(results) - 2] and all(r["extra_val_loss"] != r["summary"]["val_loss"]
+                                                            for r in again)
+    run = P.Run(TINY, replace(tc, val_bin=other), log=quiet)  # the same windows a --val_bin run would use
+    run.raw_model.load_state_dict(P.load_checkpoint(os.path.join(root, "baseline", "ckpt.pt"))["model"])
+    run.evaluate(run.stages[-1])
+    assert again[0]["extra_val_loss"] == run.history[-1]["val_loss"]
 
 
 def test_compare_plans_schedule_families_and_drops_repeats():
