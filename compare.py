@@ -107,10 +107,11 @@ def finished(mc, tc):
     return summary if summary.get("identity") == json.loads(json.dumps(P.identity(mc, tc))) else None
 
 
-def baseline_of(r, results, tokens):
-    """The token-level run of r's schedule family on the given number of tokens, if there is one."""
+def baselines(r, results):
+    """r's token-level baselines of its schedule family: on the same tokens and of equal compute."""
     family = "wsd" if r["schedule"] == "wsd" else "restart"
-    return next((b for b in results if (b["k"], b["schedule"], b["tokens"]) == (1, family, tokens)), None)
+    return [next((b for b in results if (b["k"], b["schedule"], b["tokens"]) == (1, family, n)), None)
+            for n in (r["tokens"], round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"]))]
 
 
 def table(results):
@@ -120,8 +121,7 @@ def table(results):
     lines = [f"{'run':<30}{'tokens':>11}{'val loss':>10}{'ppl':>9}{'compute':>9}{'time':>7}"
              f"{'gap same data':>15}{'gap same compute':>18}" + (f"{'extra ppl':>11}" if extra else "")]
     for r in results:
-        s, same = r["summary"], baseline_of(r, results, r["tokens"])
-        cheap = baseline_of(r, results, round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"]))
+        s, (same, cheap) = r["summary"], baselines(r, results)
         gap = [f"{s['val_loss'] - b['summary']['val_loss']:+.4f}" if b and r["k"] > 1 else "-"
                for b in (same, cheap)]
         rel = (f"{s['compute_cost'] * sum(s['tokens']) / sum(same['summary']['tokens']):>9.3f}"
