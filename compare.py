@@ -108,24 +108,27 @@ def finished(mc, tc):
 
 
 def baselines(r, results):
-    """r's token-level baselines of its schedule family: on the same tokens and of equal compute."""
+    """r's token-level baselines of its schedule family: on the same tokens, of equal compute, and the
+    family's largest (what the compute and time columns are relative to)."""
     family = "wsd" if r["schedule"] == "wsd" else "restart"
-    return [next((b for b in results if (b["k"], b["schedule"], b["tokens"]) == (1, family, n)), None)
-            for n in (r["tokens"], round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"]))]
+    runs = [b for b in results if b["k"] == 1 and b["schedule"] == family]
+    cheap = round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"])
+    return [next((b for b in runs if b["tokens"] == n), None) for n in (r["tokens"], cheap)] + [
+        max(runs, key=lambda b: b["tokens"], default=None)]
 
 
 def table(results):
-    """val loss; compute and wall time relative to the baseline on the same tokens; the gaps to the
-    baselines of equal data and of equal compute (negative: the patch run is better)."""
+    """val loss; compute and training time relative to the full baseline; the gaps to the baselines of
+    equal data and of equal compute (negative: the patch run is better)."""
     extra = any("extra_val_loss" in r for r in results)
     lines = [f"{'run':<30}{'tokens':>11}{'val loss':>10}{'ppl':>9}{'compute':>9}{'time':>7}"
              f"{'gap same data':>15}{'gap same compute':>18}" + (f"{'extra ppl':>11}" if extra else "")]
     for r in results:
-        s, (same, cheap) = r["summary"], baselines(r, results)
+        s, (same, cheap, full) = r["summary"], baselines(r, results)
         gap = [f"{s['val_loss'] - b['summary']['val_loss']:+.4f}" if b and r["k"] > 1 else "-"
                for b in (same, cheap)]
-        rel = (f"{s['compute_cost'] * sum(s['tokens']) / sum(same['summary']['tokens']):>9.3f}"
-               f"{sum(s['time']) / sum(same['summary']['time']):>7.3f}" if same else f"{'-':>9}{'-':>7}")
+        rel = (f"{s['compute_cost'] * sum(s['tokens']) / sum(full['summary']['tokens']):>9.3f}"
+               f"{sum(s['time']) / sum(full['summary']['time']):>7.3f}" if full else f"{'-':>9}{'-':>7}")
         lines.append(f"{r['name']:<30}{sum(s['tokens']):>11,}{s['val_loss']:>10.4f}"
                      f"{math.exp(s['val_loss']):>9.2f}{rel}{gap[0]:>15}{gap[1]:>18}"
                      + (f"{math.exp(r['extra_val_loss']):>11.2f}" if extra else ""))
@@ -165,7 +168,7 @@ def plot(results, tc, path, log=print):
                         color=style["color"])
             ax.plot([q[x] for q in pts[switch:]], [q[2] for q in pts[switch:]], "-", **style)
     for ax, xlabel in zip(axes, ("training tokens", "training compute (positions: a patch is one)")):
-        ax.set(xscale="log", xlabel=xlabel, ylabel="token-level val loss",
+        ax.set(xlabel=xlabel, ylabel="token-level val loss",
                ylim=(lowest - 0.05, unigram + 0.3))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)

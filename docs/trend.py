@@ -35,7 +35,7 @@ def rows(paths):
         for r in results:
             if r["k"] == 1:
                 continue
-            same, cheap = compare.baselines(r, results)
+            same, cheap, _ = compare.baselines(r, results)
             loss = r["summary"]["val_loss"]
             out.append({"recipe": f"{r['schedule']} K={r['k']} lam={r['lam']:g}", "tokens": r["tokens"],
                         "per_param": r["tokens"] / n_all, "per_body_param": r["tokens"] / n_body,
