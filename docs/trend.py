@@ -59,7 +59,8 @@ def main():
         print(f"{r['recipe']:<26}{r['tokens']:>11,}{r['per_param']:>11.3f}{r['per_body_param']:>11.2f}"
               f"{fmt(r['gap_data']):>10}{fmt(r['gap_compute']):>13}{fmt(r['extra_gap_data']):>16}")
     for tokens, base, patch in PAPER:
-        print(f"{'paper 370M restart lam=2/3':<26}{tokens:>11.0e}{tokens / PAPER_PARAMS:>11.0f}{'':>11}"
+        label = f"{tokens / 1e9:.0f}B"
+        print(f"{'paper 370M restart lam=2/3':<26}{label:>11}{tokens / PAPER_PARAMS:>11.0f}{'':>11}"
               f"{math.log(patch / base):>+10.4f}{'-':>13}{'(WikiText-103)':>16}")
     if args.plot:
         import matplotlib
