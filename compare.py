@@ -43,22 +43,32 @@ def parse_lists(args):
             for name in LISTS}
 
 
+def family(schedule):
+    """A one-stage baseline trains the same under restart and global; wsd is a schedule of its own."""
+    return "wsd" if schedule == "wsd" else "restart"
+
+
+def cost(K, lam):
+    """cost_factor rounded as the equal-compute baselines' names and token counts use it."""
+    return round(P.cost_factor(K, lam), 4)
+
+
 def plan_runs(args, lists):
     """(name, schedule, K, lam, tokens) of every run: per schedule family the baseline, the patch runs and
     one equal-compute baseline per distinct cost. A one-stage run is the same under restart and global."""
     N, runs = args.tokens, []
     for schedule in lists["schedule"]:
-        family = "wsd" if schedule == "wsd" else "restart"
         pre = "" if schedule == "restart" else f"{schedule}_"
-        base = "" if family == "restart" else "wsd_"
-        runs.append((f"{base}baseline", family, 1, 0.0, N))
+        base = "" if family(schedule) == "restart" else "wsd_"
+        runs.append((f"{base}baseline", family(schedule), 1, 0.0, N))
         costs = []
         for K in lists["k"]:
             for lam in lists["lam"]:
                 if K > 1 and lam > 0:
                     runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
-                    costs.append(round(P.cost_factor(K, lam), 4))
-        runs += [(f"{base}baseline_cost{c:g}", family, 1, 0.0, round(c * N)) for c in sorted(set(costs))]
+                    costs.append(cost(K, lam))
+        runs += [(f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N))
+                 for c in sorted(set(costs))]
     return list(dict((r[0], r) for r in runs).values())  # a baseline shared by restart and global runs once
 
 
@@ -110,9 +120,8 @@ def finished(mc, tc):
 def baselines(r, results):
     """r's token-level baselines of its schedule family: on the same tokens, of equal compute, and the
     family's largest (what the compute and time columns are relative to)."""
-    family = "wsd" if r["schedule"] == "wsd" else "restart"
-    runs = [b for b in results if b["k"] == 1 and b["schedule"] == family]
-    cheap = round(round(P.cost_factor(r["k"], r["lam"]), 4) * r["tokens"])
+    runs = [b for b in results if b["k"] == 1 and b["schedule"] == family(r["schedule"])]
+    cheap = round(cost(r["k"], r["lam"]) * r["tokens"])
     return [next((b for b in runs if b["tokens"] == n), None) for n in (r["tokens"], cheap)] + [
         max(runs, key=lambda b: b["tokens"], default=None)]
 
