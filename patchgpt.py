@@ -390,8 +390,8 @@ def train(mc, tc, log=print):
     if ckpt: run.load(ckpt)
     if run.master:
         os.makedirs(tc.out_dir, exist_ok=True)
-        for name in os.listdir(tc.out_dir):  # a kill mid-write leaves a temp file; a new run, old logs
-            if re.fullmatch(r".+\.tmp\d+", name) or (not ckpt and name == "summary.json"):
+        for name in os.listdir(tc.out_dir):  # a kill mid-write leaves a temp file; --overwrite, an old run
+            if re.fullmatch(r".+\.tmp\d+", name) or (not ckpt and name in ("ckpt.pt", "summary.json")):
                 os.remove(os.path.join(tc.out_dir, name))
     log, n_params = run.log, sum(p.numel() for p in run.raw_model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters | {run.device}{f' x {run.world}' if run.ddp else ''} | "

@@ -391,10 +391,13 @@ def test_ctrl_c_before_the_first_checkpoint_says_so(data_dir, tmp_path, capsys, 
     def interrupted(self, stage):
         raise KeyboardInterrupt
 
+    old = tmp_path / "old"  # --overwrite: the old run's checkpoint is not this run's to resume
+    P.train(TINY, tiny_train_config(data_dir, old, tokens=16 * 16 * 4), log=quiet)
     monkeypatch.setattr(P.Run, "evaluate", interrupted)
-    result = refused(capsys, tiny_cli(data_dir, tmp_path / "o"), code=130)
-    assert "before the first checkpoint, so there is nothing to resume" in result.stderr
-    assert not (tmp_path / "o" / "ckpt.pt").exists()
+    for out, extra in ((tmp_path / "o", ()), (old, ("--overwrite",))):
+        result = refused(capsys, tiny_cli(data_dir, out, *extra), code=130)
+        assert "before the first checkpoint, so there is nothing to resume" in result.stderr
+        assert not (out / "ckpt.pt").exists()
 
 
 def test_stale_temp_files_of_a_killed_save_are_removed(data_dir, tmp_path):
