@@ -14,7 +14,7 @@ Usage (takes every patchgpt.py flag, plus --warmup_steps and --timed_steps):
   CPU, the default model:   python bench.py --k 4
   one GPU, GPT-2 124M:      python bench.py --device cuda --compile --k 4 --lam 0.67 \\
                                 --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 \\
-                                --batch_size 16 --grad_accum 4
+                                --tokens_per_step 65536 --micro_batch 16
 """
 
 import json
@@ -49,7 +49,7 @@ def flops_per_position(config):
     scores and values (PaLM appendix B / nanoGPT). The patch average is a mean of K vectors:
     negligible, so a patch position costs what a token position costs."""
     c = config
-    n_matmul = 12 * c.n_layer * c.n_embd**2 + c.n_embd * c.vocab_size
+    n_matmul = 12 * c.n_layer * c.n_embd**2 + c.n_embd * P.VOCAB_SIZE
     return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
 
@@ -140,29 +140,44 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     for stage in sorted(run.stages, key=lambda s: s.K):  # token stage first, as a reference
         secs, mem = time_stage(run, stage, warmup_steps, timed_steps)
         positions = stage.tokens_per_step // stage.K
-        rows.append({"stage": stage.name, "K": stage.K, "tokens_per_step": stage.tokens_per_step,
-                     "ms_per_step": 1e3 * secs, "tok_s": stage.tokens_per_step / secs,
-                     "mfu": positions * per_pos / secs / peak if peak else None,
-                     "peak_mem_gb": mem / 2**30})
+        rows.append(
+            {
+                "stage": stage.name,
+                "K": stage.K,
+                "tokens_per_step": stage.tokens_per_step,
+                "ms_per_step": 1e3 * secs,
+                "tok_s": stage.tokens_per_step / secs,
+                "mfu": positions * per_pos / secs / peak if peak else None,
+                "peak_mem_gb": mem / 2**30,
+            }
+        )
     token, patch = rows[0], rows[-1]
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
     n_params = sum(p.numel() for p in run.raw_model.parameters())
-    log(f"device {name} | {mc.n_layer} layers, {mc.n_embd} wide, block {mc.block_size} | "
-        f"{n_params / 1e6:.1f}M params | dtype {tc.dtype} | compile {tc.compile}")
+    log(
+        f"device {name} | {mc.n_layer} layers, {mc.n_embd} wide, block {mc.block_size} | "
+        f"{n_params / 1e6:.1f}M params | dtype {tc.dtype} | compile {tc.compile}"
+    )
     log(f"{'stage':<7}{'K':>3}{'tokens/step':>13}{'ms/step':>10}{'tokens/s':>11}{'MFU':>7}{'peak mem':>10}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gb']:.2f}G"
-        log(f"{r['stage']:<7}{r['K']:>3}{r['tokens_per_step']:>13}{r['ms_per_step']:>10.1f}"
-            f"{r['tok_s']:>11,.0f}{mfu:>7}{mem:>10}")
+        log(
+            f"{r['stage']:<7}{r['K']:>3}{r['tokens_per_step']:>13}{r['ms_per_step']:>10.1f}"
+            f"{r['tok_s']:>11,.0f}{mfu:>7}{mem:>10}"
+        )
     speedup = patch["tok_s"] / token["tok_s"]
     lam = tc.lam
     # a whole run: lam of the tokens at the patch stage's speed, the rest at the token stage's
     ratio = lam * token["tok_s"] / patch["tok_s"] + 1 - lam
-    log(f"patch stage speed-up over the token stage: {speedup:.2f}x (ideal K = {patch['K']}); "
-        f"peak memory {patch['peak_mem_gb'] / token['peak_mem_gb']:.2f}x the token stage's")
-    log(f"whole run --k {patch['K']} --lam {lam:.3g}: wall time {ratio:.3f} of token-level training "
-        f"of the same tokens (predicted lam/K + 1 - lam = {P.cost_factor(patch['K'], lam):.3f})")
+    log(
+        f"patch stage speed-up over the token stage: {speedup:.2f}x (ideal K = {patch['K']}); "
+        f"peak memory {patch['peak_mem_gb'] / token['peak_mem_gb']:.2f}x the token stage's"
+    )
+    log(
+        f"whole run --k {patch['K']} --lam {lam:.3g}: wall time {ratio:.3f} of token-level training "
+        f"of the same tokens (predicted lam/K + 1 - lam = {P.cost_factor(patch['K'], lam):.3f})"
+    )
     return {"device": name, "rows": rows, "speedup": speedup, "run_ratio": ratio}
 
 

@@ -10,6 +10,7 @@ against tokens and against compute, like the paper's Figure 1).
 runs (--tokens, --data_dir, --val_bin, the model's size, ...). With --resume, finished runs with the same
 settings are reused and unfinished ones continue, so an interrupted grid picks up where it stopped.
 """
+
 import json
 import math
 import os
@@ -25,12 +26,22 @@ LISTS = {"k": "patch sizes", "lam": "fractions of the tokens at patch level", "s
 def build_parser():
     p = P.build_parser("Patch-level training against token-level baselines of equal data and equal compute.")
     for name, what in LISTS.items():
-        p.add_argument(f"--{name}", default=str(getattr(P.TrainConfig, name)),
-                       help=f"comma-separated {what} (default: %(default)s)")
-    p.add_argument("--out_dir", default="out/compare",
-                   help="a folder per run, results.json and compare.png (default: %(default)s)")
-    p.add_argument("--extra_val_bin", default="", help="also evaluate every run's final weights on this "
-                   ".bin (e.g. WikiText-103 test, the paper's metric): the table's 'extra ppl' column")
+        p.add_argument(
+            f"--{name}",
+            default=str(getattr(P.TrainConfig, name)),
+            help=f"comma-separated {what} (default: %(default)s)",
+        )
+    p.add_argument(
+        "--out_dir",
+        default="out/compare",
+        help="a folder per run, results.json and compare.png (default: %(default)s)",
+    )
+    p.add_argument(
+        "--extra_val_bin",
+        default="",
+        help="also evaluate every run's final weights on this "
+        ".bin (e.g. WikiText-103 test, the paper's metric): the table's 'extra ppl' column",
+    )
     return p
 
 
@@ -38,9 +49,15 @@ def parse_lists(args):
     """Each value of a list checked as patchgpt.py checks its flag (one line, exit 2 if bad); repeats
     dropped, so that a grid never trains a run twice or meets its own folder."""
     single = P.build_parser()
-    return {name: list(dict.fromkeys(getattr(single.parse_args([f"--{name}", text.strip()]), name)
-                                     for text in str(getattr(args, name)).split(",")))
-            for name in LISTS}
+    return {
+        name: list(
+            dict.fromkeys(
+                getattr(single.parse_args([f"--{name}", text.strip()]), name)
+                for text in str(getattr(args, name)).split(",")
+            )
+        )
+        for name in LISTS
+    }
 
 
 def family(schedule):
@@ -67,16 +84,23 @@ def plan_runs(args, lists):
                 if K > 1 and lam > 0:
                     runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
                     costs.append(cost(K, lam))
-        runs += [(f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N))
-                 for c in sorted(set(costs))]
+        runs += [
+            (f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N)) for c in sorted(set(costs))
+        ]
     return list(dict((r[0], r) for r in runs).values())  # a baseline shared by restart and global runs once
 
 
 def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
+    tc = P.resolve_dtype(tc)  # as train() saves it, so that finished runs are recognized
     runs, results = plan_runs(tc, lists), []
-    configs = [(name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))
-               for name, s, K, lam, n in runs]
-    for _, sub in configs:  # refuse a bad plan before the first run trains, not minutes into the grid
+    configs = [
+        (name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))
+        for name, s, K, lam, n in runs
+    ]
+    for name, values in lists.items():  # refuse a bad value or plan before the first run, not in the grid
+        for value in values:
+            P.validate(mc, replace(tc, **{name: value}))
+    for _, sub in configs:
         P.plan_stages(sub, mc.block_size)
     for name, sub in configs:
         summary = finished(mc, sub) if tc.resume else None
@@ -86,15 +110,25 @@ def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
             log(f"== {name}: K={sub.k} lam={sub.lam:g} schedule={sub.schedule} tokens={sub.tokens:,}")
             resume = tc.resume and os.path.exists(os.path.join(sub.out_dir, "ckpt.pt"))
             summary = P.train(mc, replace(sub, resume=resume), log)
-        results.append({"name": name, "k": sub.k, "lam": sub.lam, "schedule": sub.schedule,
-                        "tokens": sub.tokens, "summary": summary})
+        results.append(
+            {
+                "name": name,
+                "k": sub.k,
+                "lam": sub.lam,
+                "schedule": sub.schedule,
+                "tokens": sub.tokens,
+                "summary": summary,
+            }
+        )
         if extra_val_bin:
             results[-1]["extra_val_loss"] = evaluate_on(mc, sub, extra_val_bin)
     for line in table(results):
         log(line)
     os.makedirs(root, exist_ok=True)
-    P.atomic_write(os.path.join(root, "results.json"), json.dumps(
-        {"model": asdict(mc), "train": asdict(tc), "results": results}, indent=1).encode())
+    P.atomic_write(
+        os.path.join(root, "results.json"),
+        json.dumps({"model": asdict(mc), "train": asdict(tc), "results": results}, indent=1).encode(),
+    )
     plot(results, tc, os.path.join(root, "compare.png"), log)
     return results
 
@@ -123,24 +157,35 @@ def baselines(r, results):
     runs = [b for b in results if b["k"] == 1 and b["schedule"] == family(r["schedule"])]
     cheap = round(cost(r["k"], r["lam"]) * r["tokens"])
     return [next((b for b in runs if b["tokens"] == n), None) for n in (r["tokens"], cheap)] + [
-        max(runs, key=lambda b: b["tokens"], default=None)]
+        max(runs, key=lambda b: b["tokens"], default=None)
+    ]
 
 
 def table(results):
     """val loss; compute and training time relative to the full baseline; the gaps to the baselines of
     equal data and of equal compute (negative: the patch run is better)."""
     extra = any("extra_val_loss" in r for r in results)
-    lines = [f"{'run':<30}{'tokens':>11}{'val loss':>10}{'ppl':>9}{'compute':>9}{'time':>7}"
-             f"{'gap same data':>15}{'gap same compute':>18}" + (f"{'extra ppl':>11}" if extra else "")]
+    lines = [
+        f"{'run':<30}{'tokens':>11}{'val loss':>10}{'ppl':>9}{'compute':>9}{'time':>7}"
+        f"{'gap same data':>15}{'gap same compute':>18}" + (f"{'extra ppl':>11}" if extra else "")
+    ]
     for r in results:
         s, (same, cheap, full) = r["summary"], baselines(r, results)
-        gap = [f"{s['val_loss'] - b['summary']['val_loss']:+.4f}" if b and r["k"] > 1 else "-"
-               for b in (same, cheap)]
-        rel = (f"{s['compute_cost'] * sum(s['tokens']) / sum(full['summary']['tokens']):>9.3f}"
-               f"{sum(s['time']) / sum(full['summary']['time']):>7.3f}" if full else f"{'-':>9}{'-':>7}")
-        lines.append(f"{r['name']:<30}{sum(s['tokens']):>11,}{s['val_loss']:>10.4f}"
-                     f"{math.exp(s['val_loss']):>9.2f}{rel}{gap[0]:>15}{gap[1]:>18}"
-                     + (f"{math.exp(r['extra_val_loss']):>11.2f}" if extra else ""))
+        gap = [
+            f"{s['val_loss'] - b['summary']['val_loss']:+.4f}" if b and r["k"] > 1 else "-"
+            for b in (same, cheap)
+        ]
+        rel = (
+            f"{s['compute_cost'] * sum(s['tokens']) / sum(full['summary']['tokens']):>9.3f}"
+            f"{sum(s['time']) / sum(full['summary']['time']):>7.3f}"
+            if full
+            else f"{'-':>9}{'-':>7}"
+        )
+        lines.append(
+            f"{r['name']:<30}{sum(s['tokens']):>11,}{s['val_loss']:>10.4f}"
+            f"{math.exp(s['val_loss']):>9.2f}{rel}{gap[0]:>15}{gap[1]:>18}"
+            + (f"{math.exp(r['extra_val_loss']):>11.2f}" if extra else "")
+        )
     return lines
 
 
@@ -148,8 +193,14 @@ def curve(r):
     """(tokens, compute in positions, val loss) at each evaluation of a run; a patch is one position."""
     s = r["summary"]
     patch_tokens = s["tokens"][0] if len(s["tokens"]) == 2 else 0
-    return [(h["tokens"], min(h["tokens"], patch_tokens) / r["k"] + max(0, h["tokens"] - patch_tokens),
-             h["val_loss"]) for h in s["history"]]
+    return [
+        (
+            h["tokens"],
+            min(h["tokens"], patch_tokens) / r["k"] + max(0, h["tokens"] - patch_tokens),
+            h["val_loss"],
+        )
+        for h in s["history"]
+    ]
 
 
 def plot(results, tc, path, log=print):
@@ -157,6 +208,7 @@ def plot(results, tc, path, log=print):
     the loss of the training data's unigram distribution, so the curves' differences are not squashed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -173,16 +225,21 @@ def plot(results, tc, path, log=print):
         for ax, x in zip(axes, (0, 1)):
             style = dict(color=f"C{i % 10}", label=r["name"])
             if switch:  # the patch stage dotted, joined to the token stage at the switch
-                ax.plot([q[x] for q in pts[:switch + 1]], [q[2] for q in pts[:switch + 1]], ":",
-                        color=style["color"])
+                ax.plot(
+                    [q[x] for q in pts[: switch + 1]],
+                    [q[2] for q in pts[: switch + 1]],
+                    ":",
+                    color=style["color"],
+                )
             ax.plot([q[x] for q in pts[switch:]], [q[2] for q in pts[switch:]], "-", **style)
     for ax, xlabel in zip(axes, ("training tokens", "training compute (positions: a patch is one)")):
-        ax.set(xlabel=xlabel, ylabel="token-level val loss",
-               ylim=(lowest - 0.05, unigram + 0.3))
+        ax.set(xlabel=xlabel, ylabel="token-level val loss", ylim=(lowest - 0.05, unigram + 0.3))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"patch-level training (dotted: patch stage) vs token-level baselines; "
-                 f"y from the unigram loss ({unigram:.2f}) down")
+    fig.suptitle(
+        f"patch-level training (dotted: patch stage) vs token-level baselines; "
+        f"y from the unigram loss ({unigram:.2f}) down"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     log(f"wrote {path}")

@@ -5,134 +5,220 @@ Stage 1 (patch level, a fraction lam of the tokens): each K consecutive token em
 into one "patch", and one output distribution per patch predicts all K tokens of the next patch.
 Stage 2 (token level, the rest): plain next-token training, starting from the stage-1 weights.
 A run costs lam/K + 1 - lam of token-level training on the same tokens (K=4, lam=2/3: 0.5).
+
   python patchgpt.py --k 4 --lam 0.67    # the default model and data (Tiny Shakespeare); a CPU will do
   python patchgpt.py --k 1               # the token-level baseline; --help lists every flag
   torchrun --standalone --nproc_per_node=8 patchgpt.py --device cuda ...    # data parallel
+
 Sampling, comparisons and benchmarks: sample.py, compare.py, bench.py.
 """
-import argparse, ctypes, inspect, io, json, math, os, re, signal, sys, time  # noqa: E401
+
+import argparse
+import ctypes
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections import OrderedDict, namedtuple
-from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field, fields, replace
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# --- config: each field is a command-line flag, its comment the flag's help; a comment that starts
-# with [lo, hi] or {a, b} gives the range or the choices that the command line enforces
+# ---------------------------------------------------------------------------------------------
+# config: every field is a command-line flag of the same name; validate() checks their ranges
+
+
+def flag(default, help, choices=None):
+    """A config field that is also a command-line flag, with its help text."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 128  # [1, 1e6] positions per sequence (tokens at K=1, patches at K>1)
-    vocab_size: ClassVar[int] = 50304  # GPT-2's 50257 padded to a multiple of 64 (faster matmuls)
-    n_layer: int = 4  # [1, 1000] transformer blocks
-    n_head: int = 4  # [1, 1000] attention heads per block
-    n_embd: int = 128  # [1, 1e5] embedding width, a multiple of n_head
+    block_size: int = flag(128, "positions per sequence (tokens at K=1, patches at K>1)")
+    n_layer: int = flag(4, "transformer blocks")
+    n_head: int = flag(4, "attention heads per block")
+    n_embd: int = flag(128, "embedding width, a multiple of n_head")
+    untied: bool = flag(False, "separate input and output embedding matrices (default: tied, as in GPT-2)")
+
 
 @dataclass
 class TrainConfig:
-    k: int = 4  # [1, 1024] patch size K of stage 1; 1 = ordinary token-level training
-    lam: float = 0.67  # [0, 1) fraction of the tokens trained at patch level (1 leaves no token stage)
-    tokens: int = 500_000  # [1, 1e14] training tokens, both stages together (e.g. 2e9)
-    batch_size: int = 8  # [1, 1e6] sequences per micro-step in the token stage
-    grad_accum: int = 2  # [1, 1e6] micro-steps per optimizer step in the token stage
-    lr: float = 1e-3  # (0, 10] peak learning rate
-    min_lr: float = 1e-4  # [0, lr] learning rate at the end of the schedule
-    warmup_iters: int = 20  # [0, 1e9] linear warmup steps (per stage with --schedule restart)
-    schedule: str = "restart"  # {restart, global, wsd} restart: per stage a new AdamW, warmup and cosine
-    #   (the paper); global: one AdamW and one cosine over both stages; wsd: one AdamW, warmup-stable-decay
-    decay_frac: float = 0.2  # [0, 1] with --schedule wsd: the last fraction of all steps decays to min_lr
-    weight_decay: float = 0.1  # [0, 10] AdamW weight decay of the matrices
-    grad_clip: float = 1.0  # [0, 1e9] clip the global gradient norm (0 = off)
-    eval_interval: int = 50  # [1, 1e12] optimizer steps between evaluations and checkpoints
-    eval_iters: int = 20  # [1, 1e6] validation batches per evaluation (the same fixed set every time)
-    log_interval: int = 10  # [1, 1e12] optimizer steps between progress lines
-    data_dir: str = "data/tinyshakespeare"  # folder with train.bin and val.bin (see prepare_data.py)
-    val_bin: str = ""  # evaluate on this .bin instead of data_dir/val.bin (e.g. WikiText-103 test)
-    out_dir: str = ""  # ckpt.pt and summary.json (default: out/k{K}_lam{lam}, or out/k1)
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # {auto, float32, bfloat16} autocast dtype; auto: bfloat16 on cuda, else float32
-    compile: bool = False  # torch.compile the model (one graph per stage)
-    seed: int = 1337  # [0, 1e18] seed of the initial weights and of the batches
-    resume: bool = False  # continue the run saved in out_dir
-    overwrite: bool = False  # start over even if out_dir holds a run
+    k: int = flag(4, "patch size K of stage 1; 1 = ordinary token-level training")
+    lam: float = flag(0.67, "fraction of the tokens trained at patch level, in [0, 1)")
+    tokens: int = flag(500_000, "training tokens, both stages together (e.g. 2e9)")
+    # as in the paper, a patch step reads as many tokens as a token step: 1/K the sequences, each K times
+    # longer, so it costs 1/K the compute; micro_batch only splits a step's sequences into passes
+    tokens_per_step: int = flag(
+        2048, "tokens per optimizer step in both stages (patch stage: 1/K the sequences)"
+    )
+    micro_batch: int = flag(8, "most sequences per forward/backward pass (and process); a step accumulates")
+    lr: float = flag(1e-3, "peak learning rate")
+    min_lr: float = flag(1e-4, "learning rate at the end of the schedule, <= lr")
+    warmup_iters: int = flag(20, "linear warmup steps (per stage with --schedule restart)")
+    # restart: per stage a new AdamW, warmup and cosine (the paper); global: one AdamW and one cosine over
+    # both stages; wsd: one AdamW, warmup, then the peak held until a linear decay over the last decay_frac
+    schedule: str = flag("restart", "restart (the paper), global or wsd", ["restart", "global", "wsd"])
+    decay_frac: float = flag(0.2, "with --schedule wsd: the last fraction of all steps decays to min_lr")
+    weight_decay: float = flag(0.1, "AdamW weight decay of the matrices")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_interval: int = flag(50, "optimizer steps between evaluations and checkpoints")
+    eval_iters: int = flag(20, "validation batches per evaluation (the same fixed windows every time)")
+    log_interval: int = flag(10, "optimizer steps between progress lines")
+    data_dir: str = flag("data/tinyshakespeare", "folder with train.bin and val.bin (see prepare_data.py)")
+    val_bin: str = flag("", "evaluate on this .bin instead of data_dir/val.bin (e.g. WikiText-103 test)")
+    out_dir: str = flag("", "folder for ckpt.pt and summary.json (default: out/k{K}_lam{lam}, or out/k1)")
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps")
+    dtype: str = flag("auto", "auto: bfloat16 on cuda, else float32", ["auto", "float32", "bfloat16"])
+    compile: bool = flag(False, "torch.compile the model (one graph per stage)")
+    seed: int = flag(1337, "seed of the initial weights and of the batches")
+    resume: bool = flag(False, "continue the run saved in out_dir")
+    overwrite: bool = flag(False, "start over even if out_dir holds a run")
 
     def __post_init__(self):
         if self.k == 1 or self.lam == 0:  # the one place that says what the token-level baseline is
-            self.k, self.lam = 1, 0.0
-        if self.dtype == "auto":  # resolved here, so that a resume on another device must say so
-            self.dtype = "bfloat16" if pick_device(self.device).startswith("cuda") else "float32"
+            self.k = 1
+            self.lam = 0.0
+
 
 # what a resume may change: it changes neither the weights nor the evaluation
 RESUMABLE = ("out_dir", "device", "compile", "resume", "overwrite", "eval_interval", "log_interval")
 
-# --- model: a nanoGPT-class GPT; the only patch-specific lines are in forward() and the patch ops
+
+class UserError(Exception):
+    """Bad input (or a diverged run): main() prints it as one line, exit code 2, nothing overwritten."""
+
+
+def validate(mc, tc):
+    """Every range check of the flags, with messages that name the flag."""
+    rules = [
+        ("block_size", mc.block_size, 1 <= mc.block_size <= 1e6, "in [1, 1e6]"),
+        ("n_layer", mc.n_layer, 1 <= mc.n_layer <= 1000, "in [1, 1000]"),
+        ("n_head", mc.n_head, 1 <= mc.n_head <= 1000, "in [1, 1000]"),
+        ("n_embd", mc.n_embd, 1 <= mc.n_embd <= 1e5, "in [1, 1e5]"),
+        ("n_embd", mc.n_embd, mc.n_embd % mc.n_head == 0, f"a multiple of --n_head {mc.n_head}"),
+        ("k", tc.k, 1 <= tc.k <= 1024, "in [1, 1024]"),
+        ("lam", tc.lam, 0 <= tc.lam < 1, "in [0, 1)"),
+        ("tokens", tc.tokens, 1 <= tc.tokens <= 1e14, "in [1, 1e14]"),
+        ("tokens_per_step", tc.tokens_per_step, 1 <= tc.tokens_per_step <= 1e9, "in [1, 1e9]"),
+        ("micro_batch", tc.micro_batch, 1 <= tc.micro_batch <= 1e6, "in [1, 1e6]"),
+        ("lr", tc.lr, 0 < tc.lr <= 10, "in (0, 10]"),
+        ("min_lr", tc.min_lr, 0 <= tc.min_lr <= tc.lr, f"in [0, --lr {tc.lr:g}]"),
+        ("warmup_iters", tc.warmup_iters, 0 <= tc.warmup_iters <= 1e9, "in [0, 1e9]"),
+        ("decay_frac", tc.decay_frac, 0 <= tc.decay_frac <= 1, "in [0, 1]"),
+        ("weight_decay", tc.weight_decay, 0 <= tc.weight_decay <= 10, "in [0, 10]"),
+        ("grad_clip", tc.grad_clip, 0 <= tc.grad_clip <= 1e9, "in [0, 1e9]"),
+        ("eval_interval", tc.eval_interval, 1 <= tc.eval_interval, ">= 1"),
+        ("eval_iters", tc.eval_iters, 1 <= tc.eval_iters <= 1e6, "in [1, 1e6]"),
+        ("log_interval", tc.log_interval, 1 <= tc.log_interval, ">= 1"),
+        ("seed", tc.seed, 0 <= tc.seed <= 1e18, "in [0, 1e18]"),
+    ]
+    for name, value, ok, rule in rules:
+        if not ok:  # `not ok` and not `ok is False`: a NaN fails every comparison
+            raise UserError(f"--{name} must be {rule}, got {value:g}")
+    if tc.resume and tc.overwrite:
+        raise UserError("--resume continues the run in --out_dir and --overwrite discards it: pass one")
+
+
+# ---------------------------------------------------------------------------------------------
+# model: a nanoGPT-class GPT; the only patch-specific lines are in forward() and the patch ops
+
+VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 64 (faster matmuls)
+GPT2_VOCAB = 50257  # ids from here up to VOCAB_SIZE pad the embedding table; no text has them
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        C, self.n_head = config.n_embd, config.n_head
+        C = config.n_embd
+        self.n_head = config.n_head
         self.ln_1 = nn.LayerNorm(C)  # in GPT-2's order: the order in which grad clipping adds up norms
         self.attn = nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C), c_proj=nn.Linear(C, C)))
         self.ln_2 = nn.LayerNorm(C)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(C, 4 * C), gelu=nn.GELU(),
-                                             c_proj=nn.Linear(4 * C, C)))
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(C, 4 * C), gelu=nn.GELU(), c_proj=nn.Linear(4 * C, C))
+        )
 
     def forward(self, x):
         B, T, C = x.shape
         # causal self-attention: (B, T, 3C) -> 3 x (B, T, C) -> 3 x (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.attn.c_attn(self.ln_1(x)).split(C, dim=2))
+        qkv = self.attn.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         x = x + self.attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
+
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd)))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(VOCAB_SIZE, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, VOCAB_SIZE, bias=False)
+        if not config.untied:  # GPT-2 ties the input and output embeddings: one matrix, both roles
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections down so the residual stream does not grow with depth
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"): nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None: torch.nn.init.zeros_(module.bias)
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, patch_size=1):
         """idx: (B, K*T) token ids; targets: the same window shifted by K tokens, or None.
         Returns logits (B, T, vocab), one distribution per patch, and the next-patch loss;
         patch_size=1 is ordinary next-token prediction through the same lines."""
-        K, (B, L) = patch_size, idx.shape
+        K = patch_size
+        B, L = idx.shape
         assert L % K == 0 and L // K <= self.config.block_size, f"{L} tokens are not K x T <= block_size"
         x = patch_embed(self.transformer.wte(idx), K)  # (B, K*T, C) -> (B, T, C)
         x = x + self.transformer.wpe(torch.arange(L // K, device=idx.device))  # patch t at position t
-        for block in self.transformer.h: x = block(x)  # (B, T, C) throughout
+        for block in self.transformer.h:
+            x = block(x)  # (B, T, C) throughout
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
-        return logits, None if targets is None else next_patch_loss(logits, targets, K)
+        if targets is None:
+            return logits, None
+        return logits, next_patch_loss(logits, targets, K)
 
     def configure_optimizer(self, tc, device_type):
         # GPT-2's AdamW: weight decay on matrices only, not on biases and LayerNorm gains; on cuda the
         # fused kernel is one launch for all parameters instead of several per tensor
         decay = [p for p in self.parameters() if p.dim() >= 2]
-        groups = [{"params": decay, "weight_decay": tc.weight_decay},
-                  {"params": [p for p in self.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0}]
         return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
 
-# --- patch ops: the whole idea of patch-level training is in these two functions
+
+# ---------------------------------------------------------------------------------------------
+# patch ops: the whole idea of patch-level training is in these two functions
+
+
 def patch_embed(tok_emb, K):
     """Average each group of K consecutive token embeddings into one patch embedding.
     No new parameters: the model keeps the token embedding table it will use in stage 2."""
     B, L, C = tok_emb.shape
     return tok_emb.view(B, L // K, K, C).mean(dim=2)  # (B, K*T, C) -> (B, T, K, C) -> (B, T, C)
+
 
 def next_patch_loss(logits, targets, K):
     """Cross-entropy of the one distribution at patch t against each of the K tokens of patch t+1,
@@ -145,11 +231,10 @@ def next_patch_loss(logits, targets, K):
     nll = -logp.gather(dim=-1, index=tgt)  # (B, T, K)
     return nll.mean()  # mean over K, then over positions; K=1 is exactly F.cross_entropy
 
-# --- data: uint16 gpt2 token files read through np.memmap; windows of K*T tokens and their shift by K
-GPT2_VOCAB = 50257  # ids from here up to vocab_size pad the embedding table; no text has them
 
-class UserError(Exception):
-    """Bad input (or a diverged run): main() prints it as one line, exit code 2, nothing overwritten."""
+# ---------------------------------------------------------------------------------------------
+# data: uint16 gpt2 token files read through np.memmap; windows of K*T tokens and their shift by K
+
 
 def load_tokens(path, need):
     if not os.path.isfile(path):
@@ -161,53 +246,80 @@ def load_tokens(path, need):
         raise UserError(f"{path} holds token id {int(data.max())} >= {GPT2_VOCAB}: not gpt2 tokens")
     return data
 
+
 def batch_starts(rng, n_tokens, K, block_size, n):
     """n random window starts; a window is K*T tokens for x plus K more for the last patch's target."""
     return rng.integers(0, n_tokens - (block_size + 1) * K + 1, size=n)
 
+
 def get_batch(data, starts, K, block_size, device):
     """x: (B, K*T) tokens from each start; y: the same windows shifted by K tokens, so every patch,
     the last one too, has a target patch (the paper's code drops the last patch instead)."""
-    x = torch.from_numpy(np.stack([data[i: i + K * block_size] for i in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + K: i + K + K * block_size] for i in starts]).astype(np.int64))
-    return x.to(device), y.to(device)
+    L = K * block_size
+    x = np.stack([data[i : i + L] for i in starts]).astype(np.int64)
+    y = np.stack([data[i + K : i + K + L] for i in starts]).astype(np.int64)
+    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
-# --- stage plan and learning rate
-# micro_batch: sequences per micro-step and process; tokens_per_step: all processes together
+
+# ---------------------------------------------------------------------------------------------
+# the stage plan and the learning rate
+
+# micro_batch: sequences per forward pass and process; tokens_per_step: all processes together
 Stage = namedtuple("Stage", "name K steps micro_batch grad_accum tokens_per_step")
+
 
 def plan_stages(tc, block_size, world_size=1):
     """Split the budget into a patch stage (lam) and a token stage. As in the paper both read the same
     tokens per optimizer step: a patch step has 1/K of the sequences, each K times longer (1/K compute)."""
-    rows = tc.batch_size * tc.grad_accum  # token-level sequences per optimizer step
-    total = max(1, round(tc.tokens / (rows * block_size)))
-    steps1 = round(tc.lam * total)
-    if steps1 == total:
+    rows = tc.tokens_per_step // block_size  # token-level sequences per optimizer step
+    total = max(1, round(tc.tokens / tc.tokens_per_step))
+    patch_steps = round(tc.lam * total)
+    if patch_steps == total:
         raise UserError(f"--tokens {tc.tokens} leaves no step for the token stage; raise it or --lam")
     plan = []
-    for name, K, steps in (("patch", tc.k, steps1), ("token", 1, total - steps1)):
-        if rows % (K * world_size):
-            raise UserError(f"--batch_size x --grad_accum = {rows} is not a multiple of K x processes")
-        mine = rows // (K * world_size)
-        accum = next(a for a in range(1, mine + 1) if mine % a == 0 and mine // a <= tc.batch_size)
-        plan += [Stage(name, K, steps, mine // accum, accum, rows * block_size)] if steps else []
+    for name, K, steps in (("patch", tc.k, patch_steps), ("token", 1, total - patch_steps)):
+        if tc.tokens_per_step % block_size or rows % (K * world_size):
+            need = K * block_size * world_size
+            raise UserError(f"--tokens_per_step must be a multiple of K x block_size x processes = {need}")
+        if steps == 0:
+            continue  # the baseline has no patch stage
+        mine = rows // (K * world_size)  # this process's sequences per step
+        accum = next(a for a in range(1, mine + 1) if mine % a == 0 and mine // a <= tc.micro_batch)
+        plan.append(Stage(name, K, steps, mine // accum, accum, tc.tokens_per_step))
     return plan
+
 
 def cost_factor(K, lam):
     """Compute of patch-level training relative to token-level training on the same tokens."""
     return lam / K + 1 - lam
 
+
+def seconds_left(stages, i, step, tok_s):
+    """At stage i's speed: a patch position costs what a token position costs, so count positions."""
+    positions = sum(s.steps * s.tokens_per_step / s.K for s in stages[i:])
+    done = step * stages[i].tokens_per_step / stages[i].K
+    return (positions - done) / (tok_s / stages[i].K)
+
+
 def get_lr(step, total_steps, tc):
     """Linear warmup, then a cosine from lr to min_lr at the last step; or, with wsd, lr held until
     the last decay_frac of the steps, then a straight line down to min_lr at the last step."""
-    if step < tc.warmup_iters: return tc.lr * (step + 1) / (tc.warmup_iters + 1)  # step 0 learns too
+    if step < tc.warmup_iters:
+        return tc.lr * (step + 1) / (tc.warmup_iters + 1)  # step 0 learns too
     if tc.schedule == "wsd":
         decay = max(1, round(tc.decay_frac * total_steps))
-        return tc.lr - min(1.0, max(0.0, (step + 1 - total_steps + decay) / decay)) * (tc.lr - tc.min_lr)
+        progress = min(1.0, max(0.0, (step + 1 - total_steps + decay) / decay))
+        return tc.lr - progress * (tc.lr - tc.min_lr)
     progress = min(1.0, (step - tc.warmup_iters) / max(1, total_steps - 1 - tc.warmup_iters))
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
-# --- training
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+CHECKPOINT_FORMAT = "patchgpt-3"
+
+
 def atomic_write(path, data):
     """Write a temp file beside path, then rename: a kill or a full disk mid-write leaves the old file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -217,72 +329,108 @@ def atomic_write(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise OSError(e.errno, f"{e.strerror} while writing {path}") if isinstance(e, OSError) else e
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):  # name the file the user knows, not the temp file
+            raise OSError(e.errno, f"{e.strerror} while writing {path}") from None
+        raise
+
 
 def load_checkpoint(path, missing="to resume from; run without --resume to start a new run"):
-    if not os.path.exists(path): raise UserError(f"no checkpoint at {path} {missing}")
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} {missing}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["format"] == "patchgpt-2"
+        assert ckpt["format"] == CHECKPOINT_FORMAT
     except Exception as e:  # truncated, not a torch file, or not ours
         raise UserError(f"{path} is not a checkpoint of this patchgpt ({type(e).__name__})") from None
     return ckpt
 
-def identity(mc, tc):  # what a resumed run must share with its checkpoint
+
+def identity(mc, tc):
+    """What a resumed run must share with its checkpoint: every setting but those in RESUMABLE."""
     return {k: v for k, v in {**asdict(mc), **asdict(tc)}.items() if k not in RESUMABLE}
+
 
 def pick_device(name):
     mps = torch.backends.mps.is_available()
-    if name == "auto": return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
-    if not m or int(m[2] or 0) >= dict(cpu=1, cuda=torch.cuda.device_count(), mps=mps)[m[1]]:
+    if not m or int(m[2] or 0) >= {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(mps)}[m[1]]:
         raise UserError(f"--device {name}: no such device here (try auto, cpu, cuda, cuda:1 or mps)")
     return name
 
+
+def resolve_dtype(tc):
+    """dtype auto becomes what it means here before it is saved: a resume on another device must say so."""
+    if tc.dtype != "auto":
+        return tc
+    return replace(tc, dtype="bfloat16" if pick_device(tc.device).startswith("cuda") else "float32")
+
+
 class Run:
-    """A training run: what save() writes is all that a resumed run needs to go on bit for bit."""
-    PROGRESS = ("stage_idx", "step", "tokens_seen", "history", "train_time")
+    """What a run trains with (device, data, model, optimizer, batch generator) and how far it has got
+    (stage_idx, step, tokens_seen, history, train_time): together, all that a checkpoint holds."""
 
     def __init__(self, mc, tc, log=print):
-        self.mc, self.tc = mc, tc
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.ddp, self.master = self.world > 1, self.rank == 0
-        self.log, self.device = log if self.master else (lambda *a: None), pick_device(tc.device)
-        if self.ddp and self.device.startswith("cuda"):  # launched by torchrun: one process per GPU
+        self.mc = mc
+        self.tc = tc
+        self.world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+        self.rank = int(os.environ.get("RANK", 0))
+        self.ddp = self.world > 1
+        self.master = self.rank == 0  # the process that evaluates, logs and saves
+        self.log = log if self.master else lambda *a: None
+        self.device = pick_device(tc.device)
+        if self.ddp and self.device.startswith("cuda"):  # one process per GPU
             self.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(self.device)
         if self.ddp and not torch.distributed.is_initialized():  # gloo: several processes on the CPU
             torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
         self.device_type = self.device.split(":")[0]
         self.ctx = torch.autocast(self.device_type, torch.bfloat16, enabled=tc.dtype == "bfloat16")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
         self.stages = plan_stages(tc, mc.block_size, self.world)
         need = (mc.block_size + 1) * tc.k  # tokens in one sequence and its target
         self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), need)
         self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), need)
         # fixed evaluation windows, from their own generator so that evaluating never shifts training
-        self.eval_starts = batch_starts(np.random.default_rng(tc.seed + 1), len(self.val_data), 1,
-                                        mc.block_size, tc.eval_iters * tc.batch_size)
+        eval_rng = np.random.default_rng(tc.seed + 1)
+        n_eval = tc.eval_iters * tc.micro_batch
+        self.eval_starts = batch_starts(eval_rng, len(self.val_data), 1, mc.block_size, n_eval)
         torch.manual_seed(tc.seed)
-        self.raw_model = self.model = GPT(mc).to(self.device)
+        self.raw_model = GPT(mc).to(self.device)
+        self.model = self.raw_model  # what trains: compiled and/or wrapped for DDP
         if tc.compile:  # static shapes: one graph per stage (K*T tokens, then T)
             self.model = torch.compile(self.model, dynamic=False)
         if self.ddp:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device_type == "cuda" else None)
-        self.optimizer, self.rng = None, np.random.default_rng(tc.seed)  # rng: the training batches
-        self.stage_idx = self.step = self.tokens_seen = 0
-        self.history, self.train_time = [], [0.0] * len(self.stages)  # evaluations; seconds per stage
-        self.stop = None  # a Ctrl-C or SIGTERM: save at the end of the step, then stop
+            ids = [self.device] if self.device_type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = None  # made when a stage starts (train_stages)
+        self.rng = np.random.default_rng(tc.seed)  # the training batches
+        self.stage_idx = 0
+        self.step = 0  # optimizer steps done in the current stage
+        self.tokens_seen = 0
+        self.history = []  # the evaluations
+        self.train_time = [0.0] * len(self.stages)  # seconds per stage
+        self.stop = False  # set by Ctrl-C or SIGTERM: save at the end of the step, then stop
 
     def save(self):
-        if not self.master: return
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": asdict(self.mc),
+            "train_config": asdict(self.tc),
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "stage_idx": self.stage_idx,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "history": self.history,
+            "train_time": self.train_time,
+        }
         buf = io.BytesIO()  # serialized in memory first, so that a full disk is a plain OSError
-        torch.save({"format": "patchgpt-2", "model_config": asdict(self.mc), "train_config": asdict(self.tc),
-                    "model": self.raw_model.state_dict(), "rng": self.rng.bit_generator.state,
-                    "optimizer": self.optimizer and self.optimizer.state_dict(),
-                    **{name: getattr(self, name) for name in self.PROGRESS}}, buf)
+        torch.save(ckpt, buf)
         atomic_write(os.path.join(self.tc.out_dir, "ckpt.pt"), buf.getvalue())
 
     def load(self, ckpt):
@@ -291,19 +439,23 @@ class Run:
             if saved.get(key) != new:
                 raise UserError(f"the checkpoint was made with --{key} {saved.get(key)}, not {new}")
         self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer = self.raw_model.configure_optimizer(self.tc, self.device_type)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         self.rng.bit_generator.state = ckpt["rng"]
-        for name in self.PROGRESS: setattr(self, name, ckpt[name])
-        if ckpt["optimizer"]:  # the stage-2 optimizer of a restart run is made when stage 2 starts
-            self.optimizer = self.raw_model.configure_optimizer(self.tc, self.device_type)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.stage_idx = ckpt["stage_idx"]
+        self.step = ckpt["step"]
+        self.tokens_seen = ckpt["tokens_seen"]
+        self.history = ckpt["history"]
+        self.train_time = ckpt["train_time"]
 
     @torch.no_grad()
     def evaluate(self, stage):
         """Token-level val loss on the fixed windows, by the uncompiled model (eval shapes differ)."""
         self.raw_model.eval()
-        total, bs = 0.0, self.tc.batch_size
+        total = 0.0
+        bs = self.tc.micro_batch
         for i in range(0, len(self.eval_starts), bs):
-            x, y = get_batch(self.val_data, self.eval_starts[i: i + bs], 1, self.mc.block_size, self.device)
+            x, y = get_batch(self.val_data, self.eval_starts[i : i + bs], 1, self.mc.block_size, self.device)
             with self.ctx:  # weighted by rows: a short last batch counts for what it holds
                 total += self.raw_model(x, y)[1].float() * len(x)
         self.raw_model.train()
@@ -312,178 +464,230 @@ class Run:
         self.log(f"eval {stage.name} step {self.step}: val loss {loss:.4f} (ppl {math.exp(loss):.1f})")
 
     def train_step(self, stage, lr):
-        """One optimizer step of grad_accum micro-steps; returns the last loss, unread (no GPU sync)."""
-        for group in self.optimizer.param_groups: group["lr"] = lr
+        """One optimizer step: the gradient of grad_accum micro-batches, clipped, then AdamW.
+        Returns the last micro-batch's loss, not yet read (reading it would wait for the GPU)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n = stage.micro_batch
         for micro in range(stage.grad_accum):
             # every process draws the same starts and takes its own slice: one RNG state to save,
             # and N processes see exactly the batches one process would see with N times the rows
-            starts = batch_starts(self.rng, len(self.train_data), stage.K, self.mc.block_size,
-                                  stage.micro_batch * self.world)[self.rank * stage.micro_batch:]
-            x, y = get_batch(self.train_data, starts[:stage.micro_batch], stage.K, self.mc.block_size,
-                             self.device)
+            starts = batch_starts(self.rng, len(self.train_data), stage.K, self.mc.block_size, n * self.world)
+            mine = starts[self.rank * n : (self.rank + 1) * n]
+            x, y = get_batch(self.train_data, mine, stage.K, self.mc.block_size, self.device)
             if self.ddp:  # average gradients across processes on the last micro-step only
                 self.model.require_backward_grad_sync = micro == stage.grad_accum - 1
             with self.ctx:
                 _, loss = self.model(x, y, patch_size=stage.K)
             (loss / stage.grad_accum).backward()
-        if self.tc.grad_clip: torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
+        if self.tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def train_stage(self):
-        """The loop of one stage, from self.step to its last step: train, log, evaluate, save."""
-        i, tc, losses = self.stage_idx, self.tc, []
-        stage = self.stages[i]
-        self.optimizer = self.optimizer or self.raw_model.configure_optimizer(tc, self.device_type)
-        whole = tc.schedule != "restart"  # global and wsd: one schedule over both stages
-        offset = sum(s.steps for s in self.stages[:i]) if whole else 0
-        sched_steps = sum(s.steps for s in self.stages) if whole else stage.steps
-        if self.step == 0 and self.master:  # after the switch too: the first point of the stage-2 curve
-            self.evaluate(stage)
-        while self.step < stage.steps:
-            t0, tokens0 = time.time(), self.tokens_seen
-            while True:  # the steps up to the next progress line
-                lr = get_lr(self.step + offset, sched_steps, tc)
-                losses.append(self.train_step(stage, lr))
-                self.step += 1
-                self.tokens_seen += stage.tokens_per_step
-                if (self.step % tc.log_interval == 0 or self.step % tc.eval_interval == 0
-                        or self.step == stage.steps or (self.stop and not self.ddp)):
-                    break
-            if self.device_type == "cuda": torch.cuda.synchronize()  # time the work, not its launch
-            self.train_time[i] += time.time() - t0
-            tok_s = (self.tokens_seen - tokens0) / max(time.time() - t0, 1e-9)
-            later = sum(s.steps * s.tokens_per_step * stage.K / s.K for s in self.stages[i + 1:])
-            eta = ((stage.steps - self.step) * stage.tokens_per_step + later) / max(tok_s, 1e-9)
-            self.log(f"{stage.name} K={stage.K} step {self.step}/{stage.steps} | tokens {self.tokens_seen:,}"
-                     f" | loss {losses[-1].item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                     f" | ETA {eta / 60:.1f} min")
-            # losses are read here, not every step, so that the GPU is not synced every step; under DDP
-            # every process learns of a bad loss or a Ctrl-C anywhere, so that all stop at the same step
-            flags = torch.stack([(~torch.isfinite(torch.stack(losses))).sum().float(),
-                                 torch.tensor(float(bool(self.stop)), device=self.device)])
-            if self.ddp: torch.distributed.all_reduce(flags)
+
+def train_stages(run):
+    """The method as code: the stages in order, each with its optimizer and its loop over the steps.
+    Starts at run.stage_idx and run.step, so a resumed run goes on exactly where it was saved."""
+    tc = run.tc
+    for i, stage in enumerate(run.stages):
+        if i < run.stage_idx:
+            continue  # finished before a resume
+        # the switch: the paper starts stage 2 with a fresh AdamW, warmup and cosine (restart);
+        # global and wsd keep one AdamW, with its moments, and one schedule across both stages
+        if run.optimizer is None or (tc.schedule == "restart" and run.step == 0):
+            run.optimizer = run.raw_model.configure_optimizer(tc, run.device_type)
+        restart = tc.schedule == "restart"  # else one schedule over the steps of both stages
+        first_step = 0 if restart else sum(s.steps for s in run.stages[:i])
+        schedule_steps = stage.steps if restart else sum(s.steps for s in run.stages)
+        if run.step == 0 and run.master:
+            run.evaluate(stage)  # after the switch too: the first point of the stage-2 curve
+        t0, tokens0, losses = time.time(), run.tokens_seen, []
+        while run.step < stage.steps:
+            lr = get_lr(first_step + run.step, schedule_steps, tc)
+            losses.append(run.train_step(stage, lr))  # micro-steps, clip, AdamW
+            run.step += 1
+            run.tokens_seen += stage.tokens_per_step
+            last = run.step == stage.steps
+            at_eval = run.step % tc.eval_interval == 0 or last
+            # one process stops on Ctrl-C at once; DDP processes agree on it at the next progress line
+            if not (run.step % tc.log_interval == 0 or at_eval or (run.stop and not run.ddp)):
+                continue
+            if run.device_type == "cuda":
+                torch.cuda.synchronize()  # time the work, not its launch
+            run.train_time[i] += time.time() - t0
+            tok_s = (run.tokens_seen - tokens0) / max(time.time() - t0, 1e-9)
+            eta = seconds_left(run.stages, i, run.step, tok_s)
+            run.log(
+                f"{stage.name} K={stage.K} step {run.step}/{stage.steps} | tokens {run.tokens_seen:,} | loss "
+                f"{losses[-1].item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta / 60:.1f} min"
+            )
+            # the losses are read here, not every step, so that the GPU is not synced every step; under
+            # DDP every process learns of a bad loss or a Ctrl-C anywhere, so that all stop at one step
+            n_bad = (~torch.isfinite(torch.stack(losses))).sum().float()
+            flags = torch.stack([n_bad, torch.tensor(float(run.stop), device=run.device)])
+            if run.ddp:
+                torch.distributed.all_reduce(flags)
             if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
-                raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
-            self.stop, losses = self.stop or (flags[1] > 0 and signal.SIGINT), []
-            if (self.step % tc.eval_interval == 0 or self.step == stage.steps) and self.master:
-                self.evaluate(stage)
-            if self.stop or self.step % tc.eval_interval == 0 and self.step < stage.steps:
-                self.save()
-            if self.stop: raise KeyboardInterrupt
-        # the switch: the paper starts stage 2 with a fresh optimizer; global and wsd keep the one
-        self.stage_idx, self.step = i + 1, 0
-        self.optimizer = self.optimizer if whole else None
-        self.save()
+                raise UserError(f"non-finite loss by {stage.name} step {run.step}; try a lower --lr")
+            run.stop = run.stop or bool(flags[1] > 0)
+            if at_eval and run.master:
+                run.evaluate(stage)
+            if (run.stop or (at_eval and not last)) and run.master:
+                run.save()
+            if run.stop:
+                raise KeyboardInterrupt
+            t0, tokens0, losses = time.time(), run.tokens_seen, []  # the next progress line's window
+        run.stage_idx = i + 1
+        run.step = 0
+        if run.master:
+            run.save()  # at the switch and at the end
+
 
 def train(mc, tc, log=print):
-    """One run: the patch stage then the token stage (or the baseline alone). Returns its summary."""
+    """One run, new or resumed (tc.resume): the patch stage, then the token stage, or the baseline
+    alone. Returns its summary, also written to out_dir/summary.json (None on DDP's other processes)."""
+    tc = resolve_dtype(tc)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-    if tc.resume and tc.overwrite:
-        raise UserError("--resume continues the run in --out_dir and --overwrite discards it: pass one")
     if os.path.exists(ckpt_path) and not (tc.resume or tc.overwrite):
-        raise UserError(f"{tc.out_dir} already holds a run; pass --resume to continue it, "
-                        "--overwrite to start over, or choose another --out_dir")
+        raise UserError(f"{tc.out_dir} holds a run: --resume continues it, --overwrite starts over")
     ckpt = load_checkpoint(ckpt_path) if tc.resume else None
     run = Run(mc, tc, log)
-    if ckpt: run.load(ckpt)
+    if ckpt:
+        run.load(ckpt)
     if run.master:
         os.makedirs(tc.out_dir, exist_ok=True)
         for name in os.listdir(tc.out_dir):  # a kill mid-write leaves a temp file; --overwrite, an old run
             if re.fullmatch(r".+\.tmp\d+", name) or (not ckpt and name in ("ckpt.pt", "summary.json")):
                 os.remove(os.path.join(tc.out_dir, name))
-    log, n_params = run.log, sum(p.numel() for p in run.raw_model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters | {run.device}{f' x {run.world}' if run.ddp else ''} | "
-        f"{tc.dtype} | cost vs token-level training: lam/K + 1 - lam = {cost_factor(tc.k, tc.lam):.3f}")
-    log("plan: " + "; ".join(f"{s.name} stage K={s.K}: {s.steps} steps of {s.grad_accum} x {s.micro_batch} "
-                             f"sequences of {s.K * mc.block_size} tokens" for s in run.stages))
-    if ckpt: log(f"resumed from {ckpt_path}: stage {run.stage_idx + 1}, step {run.step}")
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
+    where = f"{run.device} x {run.world}" if run.ddp else run.device
+    cost = f"cost vs token-level training: lam/K + 1 - lam = {cost_factor(tc.k, tc.lam):.3f}"
+    run.log(f"model: {n_params / 1e6:.2f}M parameters | {where} | {tc.dtype} | {cost}")
+    for s in run.stages:  # a patch stage's sequences are K times longer: K x block_size tokens
+        shape = f"{s.grad_accum} x {s.micro_batch} sequences of {s.K * mc.block_size} tokens"
+        run.log(f"plan: {s.name} stage K={s.K}: {s.steps} steps of {shape}")
+    if ckpt:
+        run.log(f"resumed from {ckpt_path}: stage {run.stage_idx + 1}, step {run.step}")
 
     def on_signal(signum, frame):  # Ctrl-C, or SIGTERM from kill, timeout or a job scheduler
-        if run.stop and not run.ddp: raise KeyboardInterrupt  # a second one stops at once
-        run.stop = signum
-        log(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step")
-    old = [(s, signal.signal(s, on_signal)) for s in (signal.SIGINT, signal.SIGTERM)]
+        if run.stop and not run.ddp:
+            raise KeyboardInterrupt  # a second one stops at once
+        run.stop = True
+        run.log(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step")
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while run.stage_idx < len(run.stages): run.train_stage()
+        train_stages(run)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{ckpt_path} continues with --resume" if os.path.exists(ckpt_path)
-                                else "before the first checkpoint, so there is nothing to resume") from None
+        if os.path.exists(ckpt_path):
+            raise KeyboardInterrupt(f"{ckpt_path} continues with --resume") from None
+        raise KeyboardInterrupt("before the first checkpoint, so there is nothing to resume") from None
     finally:
-        for s, handler in old: signal.signal(s, handler)
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
     if not run.master:
         return None  # the other processes of a DDP run have neither the evaluations nor a summary
     tokens = [s.steps * s.tokens_per_step for s in run.stages]
-    tok_s = [n / max(t, 1e-9) for n, t in zip(tokens, run.train_time)]
-    summary = {"k": tc.k, "lam": tc.lam, "stages": [s.name for s in run.stages], "tokens": tokens,
-               "time": run.train_time, "tok_s": tok_s, "predicted_cost": cost_factor(tc.k, tc.lam),
-               "compute_cost": sum(n // s.K for n, s in zip(tokens, run.stages)) / sum(tokens),
-               # wall time against a token-level run of the same tokens at this run's own token-stage speed
-               "measured_cost": sum(run.train_time) / (sum(tokens) / tok_s[-1]),
-               "val_loss": run.history[-1]["val_loss"], "history": run.history, "identity": identity(mc, tc)}
+    tok_s = [n / t for n, t in zip(tokens, run.train_time)]
+    summary = {
+        "k": tc.k,
+        "lam": tc.lam,
+        "stages": [s.name for s in run.stages],
+        "tokens": tokens,
+        "time": run.train_time,
+        "tok_s": tok_s,
+        "predicted_cost": cost_factor(tc.k, tc.lam),
+        "compute_cost": sum(n // s.K for n, s in zip(tokens, run.stages))
+        / sum(tokens),  # a patch: 1 position
+        # wall time against a token-level run of the same tokens at this run's own token-stage speed
+        "measured_cost": sum(run.train_time) / (sum(tokens) / tok_s[-1]),
+        "val_loss": run.history[-1]["val_loss"],
+        "history": run.history,
+        "identity": identity(mc, tc),
+    }
     atomic_write(os.path.join(tc.out_dir, "summary.json"), json.dumps(summary, indent=1).encode())
-    log(f"cost vs token-level training of the same tokens: predicted {summary['predicted_cost']:.3f}, "
-        f"compute {summary['compute_cost']:.3f}, measured wall time {summary['measured_cost']:.3f}")
-    log(f"final token-level val loss {summary['val_loss']:.4f}, ppl {math.exp(summary['val_loss']):.1f}")
+    costs = f"predicted {cost_factor(tc.k, tc.lam):.3f}, compute {summary['compute_cost']:.3f}, measured"
+    run.log(
+        f"cost vs token-level training of the same tokens: {costs} wall time {summary['measured_cost']:.3f}"
+    )
+    run.log(f"final token-level val loss {summary['val_loss']:.4f}, ppl {math.exp(summary['val_loss']):.1f}")
     return summary
 
-# --- command line: the flags are the config fields, their help the fields' comments
-def flag_type(f, comment):
-    """The field's type (an int may be written 2e9), in the range its comment starts with (if any)."""
-    m = re.match(r"([\[(])([\d.e]+), ([\d.e]+|\w+)([\])])", comment)
-    def number(text):  # noqa: E306  (argparse says "invalid number value" when float() fails)
-        v, lo, hi = float(text), float(m[2]), float(m[3]) if m[3][0].isdigit() else math.inf
-        if (lo <= v if m[1] == "[" else lo < v) and (v <= hi if m[4] == "]" else v < hi) and v == f.type(v):
-            return f.type(v)
-        raise argparse.ArgumentTypeError(f"must be {'an integer ' * (f.type is int)}in {m[0]}, got {text}")
-    return number if m else str
+
+# ---------------------------------------------------------------------------------------------
+# command line: a flag per config field; every range check in validate()
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as every other input error
+        die(message, self.prog)
+
+
+def integer(text):
+    """An integer flag, which may be written as 2e9."""
+    value = float(text)
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text}")
+    return int(value)
+
 
 def build_parser(description=__doc__.strip().splitlines()[0]):
-    p = argparse.ArgumentParser(description=description, conflict_handler="resolve")  # tools redefine some
-    p.error = lambda message: die(message, p.prog)  # one line and exit code 2, as every input error
-    for cls in (GPTConfig, TrainConfig):
-        found = re.findall(r"^    (\w+): \w+ = .*?  # (.*(?:\n    #   .*)*)", inspect.getsource(cls), re.M)
-        comments = {name: text.replace("\n    #  ", "") for name, text in found}
-        for f in fields(cls):
-            text, choices = comments[f.name], re.match(r"\{(.*?)\}", comments[f.name])
-            if f.type is bool:
-                p.add_argument(f"--{f.name}", action="store_true", help=text)
-            else:
-                p.add_argument(f"--{f.name}", type=flag_type(f, text), default=f.default,
-                               choices=choices and choices[1].split(", "),
-                               help=text + (f" (default: {f.default})" if f.default != "" else ""))
-    return p
+    parser = Parser(description=description, conflict_handler="resolve")  # compare.py redefines some
+    for f in fields(GPTConfig) + fields(TrainConfig):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            default = f" (default: {f.default})" if f.default != "" else ""
+            parser.add_argument(
+                f"--{f.name}",
+                type=integer if f.type is int else f.type,
+                default=f.default,
+                choices=f.metadata["choices"],
+                help=f.metadata["help"] + default,
+            )
+    return parser
 
-def configs(args):  # after the checks that involve two flags; the default data is made on first use
-    if args.n_embd % args.n_head:
-        raise UserError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
-    if args.min_lr > args.lr: raise UserError(f"--min_lr {args.min_lr:g} must be <= --lr {args.lr:g}")
-    mc = GPTConfig(**{f.name: getattr(args, f.name) for f in fields(GPTConfig)})
-    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    tc.out_dir = tc.out_dir or ("out/k1" if tc.k == 1 else f"out/k{tc.k}_lam{tc.lam:g}")
-    if tc.data_dir == TrainConfig.data_dir and not os.path.exists(f"{tc.data_dir}/train.bin"):
-        print(f"{tc.data_dir}/train.bin not found: preparing Tiny Shakespeare (it ships with patchgpt)")
+
+def configs(args):
+    """The two configs from parsed flags, checked; the default data is prepared on first use."""
+    flags = vars(args)
+    mc = GPTConfig(**{f.name: flags[f.name] for f in fields(GPTConfig)})
+    tc = TrainConfig(**{f.name: flags[f.name] for f in fields(TrainConfig)})
+    validate(mc, tc)
+    tc = resolve_dtype(tc)
+    if not tc.out_dir:
+        tc.out_dir = "out/k1" if tc.k == 1 else f"out/k{tc.k}_lam{tc.lam:g}"
+    data = TrainConfig.data_dir
+    if tc.data_dir == data and not os.path.exists(os.path.join(data, "train.bin")):
+        print(f"{data}/train.bin not found: preparing Tiny Shakespeare (it ships with patchgpt)")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        if os.spawnv(os.P_WAIT, sys.executable, [sys.executable, script, "--out_dir", tc.data_dir]):
-            raise UserError(f"could not prepare {tc.data_dir} (see above)")
+        if subprocess.call([sys.executable, script, "--out_dir", data]) != 0:
+            raise UserError(f"could not prepare {data} (see above)")
     return mc, tc
+
 
 def die(msg, prog="patchgpt", code=2):
     print(f"{os.path.splitext(os.path.basename(prog))[0]}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
+
 def main(argv=None, parser=None, action=None):
-    """Parse, check, run; any expected failure is one line on stderr and exit code 2 (130: Ctrl-C)."""
+    """Parse, check, run; any expected failure is one line on stderr and exit code 2 (130: Ctrl-C).
+    compare.py, bench.py and sample.py pass their own parser and action."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # so that `| tee` and log files show progress at once
-    if sys.platform.startswith("linux"):  # 1.4x-1.8x faster steps on 2 CPU cores (bench.py): glibc gives
-        # blocks over 32 MB (the logits: 200 MB) back to the OS when freed; these two settings keep them
-        ctypes.CDLL("libc.so.6").mallopt(-4, 0)
-        ctypes.CDLL("libc.so.6").mallopt(-1, 2**31 - 1)
+    if sys.platform.startswith("linux"):
+        # 1.4x-1.8x faster steps on 2 CPU cores (bench.py): glibc gives blocks over 32 MB (the logits:
+        # 200 MB) back to the OS when they are freed, and maps them anew; these settings keep them
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap for large blocks
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
     try:
-        if action: return action(args)  # compare.py and bench.py do something else with the flags
+        if action:
+            return action(args)
         return train(*configs(args))
     except UserError as e:
         die(e, parser.prog)
@@ -494,6 +698,7 @@ def main(argv=None, parser=None, action=None):
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()

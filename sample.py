@@ -4,7 +4,7 @@ sampling is plain token-level sampling, one token at a time.
 
   python sample.py --out_dir out/k4_lam0.67 --prompt "ROMEO:" --num_samples 2 --max_new_tokens 100
 """
-import argparse
+
 import os
 
 import torch
@@ -17,9 +17,9 @@ import patchgpt as P
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
     """idx: (B, T) token ids; appends max_new_tokens sampled ids to each row."""
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size:])  # (B, T, vocab)
+        logits, _ = model(idx[:, -model.config.block_size :])  # (B, T, vocab)
         # only real gpt2 ids: the padding rows of the embedding table have no text to decode to
-        logits = logits[:, -1, :P.GPT2_VOCAB] / temperature
+        logits = logits[:, -1, : P.GPT2_VOCAB] / temperature
         if top_k is not None:
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
@@ -27,8 +27,17 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
     return idx
 
 
-def sample(out_dir, prompt="", num_samples=3, max_new_tokens=200, temperature=0.8, top_k=200, device="auto",
-           seed=1337, log=print):
+def sample(
+    out_dir,
+    prompt="",
+    num_samples=3,
+    max_new_tokens=200,
+    temperature=0.8,
+    top_k=200,
+    device="auto",
+    seed=1337,
+    log=print,
+):
     from prepare_data import PrepareError, get_encoding
 
     path = os.path.join(out_dir, "ckpt.pt")
@@ -56,8 +65,7 @@ def sample(out_dir, prompt="", num_samples=3, max_new_tokens=200, temperature=0.
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Generate text from a patchgpt checkpoint.")
-    p.error = lambda message: P.die(message, p.prog)  # one line and exit code 2, as patchgpt.py
+    p = P.Parser(description="Generate text from a patchgpt checkpoint.")  # one-line errors, exit code 2
     d = " (default: %(default)s)"
     p.add_argument("--out_dir", default="out/k4_lam0.67", help="the run's folder, with its ckpt.pt" + d)
     p.add_argument("--prompt", default="", help="text to continue (default: none, start from <|endoftext|>)")
@@ -71,12 +79,26 @@ def build_parser():
 
 
 def run(args):
-    if not (args.temperature > 0 and args.top_k >= 1 and args.num_samples >= 1 and args.max_new_tokens >= 0
-            and args.seed >= 0):
-        raise P.UserError("needs --temperature > 0, --top_k >= 1, --num_samples >= 1, "
-                          "--max_new_tokens >= 0, --seed >= 0")
-    sample(args.out_dir, args.prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-           args.device, args.seed)
+    if not (
+        args.temperature > 0
+        and args.top_k >= 1
+        and args.num_samples >= 1
+        and args.max_new_tokens >= 0
+        and args.seed >= 0
+    ):
+        raise P.UserError(
+            "needs --temperature > 0, --top_k >= 1, --num_samples >= 1, --max_new_tokens >= 0, --seed >= 0"
+        )
+    sample(
+        args.out_dir,
+        args.prompt,
+        args.num_samples,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.device,
+        args.seed,
+    )
 
 
 if __name__ == "__main__":

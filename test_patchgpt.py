@@ -26,20 +26,44 @@ TINY = P.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
 def tiny_train_config(data_dir, out_dir, **kw):
-    base = dict(k=2, lam=0.5, tokens=16 * 16 * 20, batch_size=8, grad_accum=2, lr=3e-3, min_lr=3e-4,
-                warmup_iters=2, eval_interval=5, eval_iters=2, log_interval=1, data_dir=str(data_dir),
-                out_dir=str(out_dir), device="cpu", seed=7)
+    base = dict(
+        k=2,
+        lam=0.5,
+        tokens=16 * 16 * 20,
+        tokens_per_step=256,
+        micro_batch=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_iters=2,
+        eval_interval=5,
+        eval_iters=2,
+        log_interval=1,
+        data_dir=str(data_dir),
+        out_dir=str(out_dir),
+        device="cpu",
+        seed=7,
+    )
     base.update(kw)
     return P.TrainConfig(**base)
 
 
 def tiny_cli(data_dir, out_dir, *extra, script="patchgpt.py"):
     """The same tiny run as a command line."""
-    flags = ("--n_layer 2 --n_head 2 --n_embd 32 --block_size 16 --batch_size 8 --grad_accum 2 --lr 3e-3 "
-             "--min_lr 3e-4 --warmup_iters 2 --eval_interval 5 --eval_iters 2 --log_interval 1 --device cpu "
-             "--seed 7 --tokens 2048").split()
-    return [sys.executable, os.path.join(HERE, script), "--data_dir", str(data_dir),
-            "--out_dir", str(out_dir), *flags, *extra]
+    flags = (
+        "--n_layer 2 --n_head 2 --n_embd 32 --block_size 16 --tokens_per_step 256 --micro_batch 8 --lr 3e-3 "
+        "--min_lr 3e-4 --warmup_iters 2 --eval_interval 5 --eval_iters 2 --log_interval 1 --device cpu "
+        "--seed 7 --tokens 2048"
+    ).split()
+    return [
+        sys.executable,
+        os.path.join(HERE, script),
+        "--data_dir",
+        str(data_dir),
+        "--out_dir",
+        str(out_dir),
+        *flags,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +96,7 @@ def test_k1_loss_is_plain_cross_entropy():
     tokens = torch.randint(0, 50257, (3, TINY.block_size + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]
     logits, loss = model(x, y, patch_size=1)
-    assert logits.shape == (3, TINY.block_size, TINY.vocab_size)
+    assert logits.shape == (3, TINY.block_size, P.VOCAB_SIZE)
     expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
     assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-6)
 
@@ -85,7 +109,7 @@ def test_next_patch_loss_matches_a_loop_over_the_k_targets(K):
     tokens = torch.randint(0, 50257, (2, K * (T + 1)))
     x, y = tokens[:, : K * T], tokens[:, K:]
     logits, loss = model(x, y, patch_size=K)
-    assert logits.shape == (2, T, TINY.vocab_size)
+    assert logits.shape == (2, T, P.VOCAB_SIZE)
     # independently: for each of the K tokens of the next patch, an ordinary cross-entropy
     per_token = []
     for j in range(K):
@@ -120,11 +144,22 @@ def test_changing_a_later_patch_leaves_earlier_logits_unchanged():
     K, T, t = 4, 6, 2
     x = torch.randint(0, 50257, (1, K * T))
     x2 = x.clone()
-    x2[0, K * (t + 1): K * (t + 2)] = (x2[0, K * (t + 1): K * (t + 2)] + 1) % 50257  # patch t+1
+    x2[0, K * (t + 1) : K * (t + 2)] = (x2[0, K * (t + 1) : K * (t + 2)] + 1) % 50257  # patch t+1
     a, _ = model(x, patch_size=K)
     b, _ = model(x2, patch_size=K)
     assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
     assert not torch.allclose(a[:, t + 1], b[:, t + 1], atol=1e-4)
+
+
+def test_untied_embeddings_are_two_matrices_that_train_apart(data_dir, tmp_path):
+    tied, untied = P.GPT(TINY), P.GPT(replace(TINY, untied=True))
+    n_tied = sum(p.numel() for p in tied.parameters())
+    assert sum(p.numel() for p in untied.parameters()) == n_tied + P.VOCAB_SIZE * TINY.n_embd
+    for mc, name in ((TINY, "tied"), (replace(TINY, untied=True), "untied")):
+        P.train(mc, tiny_train_config(data_dir, tmp_path / name, tokens=16 * 16 * 4), log=quiet)
+        weights = final_weights(tmp_path / name)
+        same = torch.equal(weights["transformer.wte.weight"], weights["lm_head.weight"])
+        assert same == (name == "tied"), name
 
 
 def test_batches_target_is_the_window_shifted_by_k():
@@ -139,21 +174,13 @@ def test_batches_target_is_the_window_shifted_by_k():
         assert torch.equal(x[:, 0], torch.from_numpy(starts.astype(np.int64)))
 
 
-def test_parameters_are_in_gpt2_order():
-    """Gradient clipping adds up the norms in this order, so the order is part of the numbers."""
-    names = [n for n, _ in P.GPT(TINY).named_parameters()][:10]
-    assert [n.split(".", 3)[-1] for n in names[2:10]] == [
-        "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-        "attn.c_proj.bias", "ln_2.weight", "ln_2.bias"]
-
-
 # ---------------------------------------------------------------------------------------------
 # the plan and the schedules
 
 
 @pytest.mark.parametrize("K,lam", [(4, 0.67), (2, 0.5), (8, 0.8), (4, 0.0), (1, 0.5), (16, 0.25)])
 def test_stage_plan(K, lam):
-    tc = P.TrainConfig(k=K, lam=lam, tokens=1_000_000, batch_size=16, grad_accum=4)
+    tc = P.TrainConfig(k=K, lam=lam, tokens=1_000_000, tokens_per_step=16 * 4 * 64, micro_batch=16)
     block = 64
     stages = P.plan_stages(tc, block)
     per_step = 16 * 4 * block
@@ -181,13 +208,15 @@ def test_cost_factor_formula():
 
 
 def test_plan_splits_micro_steps_across_processes():
-    tc = P.TrainConfig(k=4, lam=0.5, tokens=100_000, batch_size=4, grad_accum=8)
+    tc = P.TrainConfig(k=4, lam=0.5, tokens=100_000, tokens_per_step=4 * 8 * 32, micro_batch=4)
     one, two = P.plan_stages(tc, 32, 1), P.plan_stages(tc, 32, 2)
     for a, b in zip(one, two):
         assert a.tokens_per_step == b.tokens_per_step and a.steps == b.steps
         assert a.micro_batch * a.grad_accum == 2 * b.micro_batch * b.grad_accum
-    with pytest.raises(P.UserError, match="multiple of K x processes"):
-        P.plan_stages(replace(tc, grad_accum=1, batch_size=3), 32)
+    with pytest.raises(
+        P.UserError, match="--tokens_per_step must be a multiple of K x block_size x processes"
+    ):
+        P.plan_stages(replace(tc, tokens_per_step=3 * 32), 32, 2)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
@@ -210,28 +239,23 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly_over_the_last_fraction
     assert P.get_lr(99, 100, replace(tc, decay_frac=0.0)) == pytest.approx(1e-4)  # at least the last step
 
 
-@pytest.mark.parametrize("schedule", ["global", "wsd"])
-def test_one_schedule_and_one_optimizer_span_both_stages(data_dir, tmp_path, schedule):
+@pytest.mark.parametrize("schedule", ["restart", "global", "wsd"])
+def test_the_switch_keeps_or_restarts_the_optimizer_and_the_schedule(data_dir, tmp_path, schedule):
     tc = tiny_train_config(data_dir, tmp_path / schedule, schedule=schedule, tokens=16 * 16 * 12)
-    run = P.Run(TINY, tc, log=quiet)
-    os.makedirs(tc.out_dir)
-    lrs, real_step = [], P.Run.train_step
-
-    def spy(self, stage, lr):
-        lrs.append(lr)
-        return real_step(self, stage, lr)
-
-    run.train_step = spy.__get__(run)
-    run.train_stage()
-    optimizer = run.optimizer
-    run.train_stage()
-    assert run.optimizer is optimizer  # kept across the switch, with its moments
-    total = sum(s.steps for s in run.stages)
-    assert lrs == [pytest.approx(P.get_lr(s, total, tc)) for s in range(total)]
-    restart = P.Run(TINY, replace(tc, schedule="restart", out_dir=str(tmp_path / "r")), log=quiet)
-    os.makedirs(restart.tc.out_dir)
-    restart.train_stage()
-    assert restart.optimizer is None  # the paper: stage 2 starts with a fresh AdamW
+    lines = []
+    P.train(TINY, tc, log=lines.append)
+    logged = [float(line.split("| lr ")[1].split()[0]) for line in lines if "| lr " in line]
+    patch, token = P.plan_stages(tc, TINY.block_size)
+    if schedule == "restart":  # the paper: each stage its own warmup and cosine, and a fresh AdamW
+        lrs = [P.get_lr(s, patch.steps, tc) for s in range(patch.steps)]
+        lrs += [P.get_lr(s, token.steps, tc) for s in range(token.steps)]
+        adam_steps = token.steps
+    else:  # one schedule over both stages, one AdamW that keeps its moments across the switch
+        lrs = [P.get_lr(s, patch.steps + token.steps, tc) for s in range(patch.steps + token.steps)]
+        adam_steps = patch.steps + token.steps
+    assert logged == [pytest.approx(lr, rel=1e-2) for lr in lrs]  # log_interval 1: every step's lr
+    state = P.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))["optimizer"]["state"]
+    assert all(s["step"] == adam_steps for s in state.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +283,7 @@ def test_two_stage_run_learns_checkpoints_and_resumes(data_dir, tmp_path):
     again = P.train(TINY, replace(tc, resume=True), log=quiet)
     assert again["val_loss"] == summary["val_loss"] and again["history"] == hist
     # a new run into the same out dir is refused instead of silently overwriting
-    with pytest.raises(P.UserError, match="already holds a run"):
+    with pytest.raises(P.UserError, match="holds a run"):
         P.train(TINY, tc, log=quiet)
 
 
@@ -271,15 +295,20 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
     other.mkdir()
     for name in ("train.bin", "val.bin"):
         (other / name).write_bytes((data_dir / name).read_bytes())
-    for change, words in ((dict(k=4), "--k 2, not 4"), (dict(lam=0.25), "--lam 0.5, not 0.25"),
-                          (dict(tokens=16 * 16 * 8), "--tokens 1536, not 2048"),
-                          (dict(dtype="bfloat16"), "--dtype float32, not bfloat16"),
-                          (dict(schedule="wsd"), "--schedule restart, not wsd"),
-                          (dict(data_dir=str(other)), "--data_dir")):
+    for change, words in (
+        (dict(k=4), "--k 2, not 4"),
+        (dict(lam=0.25), "--lam 0.5, not 0.25"),
+        (dict(tokens=16 * 16 * 8), "--tokens 1536, not 2048"),
+        (dict(dtype="bfloat16"), "--dtype float32, not bfloat16"),
+        (dict(schedule="wsd"), "--schedule restart, not wsd"),
+        (dict(data_dir=str(other)), "--data_dir"),
+    ):
         with pytest.raises(P.UserError, match=words):
             P.train(TINY, replace(tc, resume=True, **change), log=quiet)
     with pytest.raises(P.UserError, match="--n_embd 32, not 64"):
         P.train(replace(TINY, n_embd=64), replace(tc, resume=True), log=quiet)
+    with pytest.raises(P.UserError, match="--untied False, not True"):
+        P.train(replace(TINY, untied=True), replace(tc, resume=True), log=quiet)
     # what changes neither the weights nor the evaluation may change
     P.train(TINY, replace(tc, resume=True, log_interval=3, eval_interval=7), log=quiet)
 
@@ -295,24 +324,24 @@ def test_sampling_never_draws_a_padding_id():
     """ids 50257..50303 only pad the embedding table; tiktoken cannot decode them."""
     model = P.GPT(TINY).eval()
     with torch.no_grad():
-        model.lm_head.weight[P.GPT2_VOCAB:] = 0
+        model.lm_head.weight[P.GPT2_VOCAB :] = 0
         model.transformer.ln_f.bias.fill_(1.0)
         model.transformer.ln_f.weight.zero_()
-        model.lm_head.weight[P.GPT2_VOCAB:, 0] = 100.0  # the padding ids have by far the highest logits
+        model.lm_head.weight[P.GPT2_VOCAB :, 0] = 100.0  # the padding ids have by far the highest logits
     logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
     assert logits[0, -1].argmax() >= P.GPT2_VOCAB
     out = sample.generate(model, torch.zeros(4, 1, dtype=torch.long), 20, temperature=1.0, top_k=None)
     assert out.max() < P.GPT2_VOCAB
 
 
-def test_divergence_stops_before_any_save(data_dir, tmp_path):
+def test_divergence_stops_before_any_save(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run = P.Run(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 10), log=quiet)
-    os.makedirs(out)
-    with torch.no_grad():
-        run.raw_model.lm_head.weight.fill_(float("nan"))
+    real_loss = P.next_patch_loss
+    monkeypatch.setattr(
+        P, "next_patch_loss", lambda logits, targets, K: real_loss(logits, targets, K) * np.nan
+    )
     with pytest.raises(P.UserError, match="non-finite loss by patch step 1;"):
-        run.train_stage()
+        P.train(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 10), log=quiet)
     assert os.listdir(out) == []
 
 
@@ -337,8 +366,14 @@ def final_weights(out_dir):
 
 
 def start(cmd):
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=HERE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 def kill_when(cmd, marker, sig=signal.SIGKILL):
@@ -353,27 +388,47 @@ def kill_when(cmd, marker, sig=signal.SIGKILL):
     return proc.wait(timeout=120), "".join(seen)
 
 
-def test_sigkill_at_three_points_then_resume_gives_identical_weights(data_dir, tmp_path):
-    args = ["--k", "2", "--lam", "0.5", "--tokens", str(16 * 16 * 60)]
-    ref = tmp_path / "ref"
-    done = run_cli(tiny_cli(data_dir, ref, *args))
+KILL_ARGS = ["--k", "2", "--lam", "0.5", "--tokens", str(16 * 16 * 60)]  # 30 patch steps, then 30 token steps
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """The run that the killed and resumed ones must reproduce bit for bit, made on an idle machine."""
+    ref = tmp_path_factory.mktemp("reference")
+    done = run_cli(tiny_cli(data_dir, ref, *KILL_ARGS))
     assert done.returncode == 0, done.stderr
-    expected = final_weights(ref)
-    # the patch stage has 30 steps, the token stage 30
-    for name, marker in (("mid1", "patch K=2 step 7/30 "), ("switch", "patch K=2 step 30/30 "),
-                         ("mid2", "token K=1 step 12/30 ")):
-        out = tmp_path / name
-        rc, printed = kill_when(tiny_cli(data_dir, out, *args), marker)
-        assert rc == -signal.SIGKILL, f"{name}: the run ended before it was killed:\n{printed}"
-        resumed = run_cli(tiny_cli(data_dir, out, *args, "--resume"))
-        assert resumed.returncode == 0, resumed.stderr
-        assert "resumed from" in resumed.stdout
-        got = final_weights(out)
-        for key in expected:
-            assert torch.equal(got[key], expected[key]), f"{name}: {key} differs after resume"
-        with open(out / "summary.json") as f, open(ref / "summary.json") as g:
-            a, b = json.load(f), json.load(g)
-            assert a["val_loss"] == b["val_loss"] and a["history"] == b["history"]
+    return ref
+
+
+def assert_same_run(out, ref):
+    got, expected = final_weights(out), final_weights(ref)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), f"{key} differs"
+    with open(out / "summary.json") as f, open(ref / "summary.json") as g:
+        a, b = json.load(f), json.load(g)
+        assert a["val_loss"] == b["val_loss"] and a["history"] == b["history"]
+
+
+@pytest.mark.parametrize(
+    "marker,load",
+    [
+        ("patch K=2 step 7/30 ", None),
+        ("patch K=2 step 30/30 ", None),  # the switch
+        ("token K=1 step 12/30 ", None),
+    ],
+)
+def test_sigkill_then_resume_gives_identical_weights(
+    data_dir, tmp_path, reference_run, request, marker, load
+):
+    if load:
+        request.getfixturevalue(load)
+    out = tmp_path / "run"
+    rc, printed = kill_when(tiny_cli(data_dir, out, *KILL_ARGS), marker)
+    assert rc == -signal.SIGKILL, f"the run ended before it was killed:\n{printed}"
+    resumed = run_cli(tiny_cli(data_dir, out, *KILL_ARGS, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert_same_run(out, reference_run)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -436,46 +491,63 @@ def refused(capsys, cmd, code=2):
 
 
 def test_refusal_from_the_real_command_line(data_dir, tmp_path):
-    assert_refused(run_cli(tiny_cli(data_dir, tmp_path / "o", "--k", "0")), "--k", "integer in [1, 1024]")
+    assert_refused(run_cli(tiny_cli(data_dir, tmp_path / "o", "--k", "0")), "--k must be in [1, 1024], got 0")
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flags,words", [
-    (["--k", "0"], ["--k", "an integer in [1, 1024], got 0"]),
-    (["--k", "2.5"], ["--k", "integer"]),
-    (["--k", "four"], ["--k", "invalid number value"]),
-    (["--k", "2,4"], ["--k"]),
-    (["--lam", "1"], ["--lam", "[0, 1)"]),
-    (["--lam", "-0.1"], ["--lam", "[0, 1)"]),
-    (["--lam", "nan"], ["--lam"]),
-    (["--lr", "0"], ["--lr", "(0, 10]"]),
-    (["--min_lr", "-1"], ["--min_lr", "[0, lr]"]),
-    (["--min_lr", "nan"], ["--min_lr"]),
-    (["--min_lr", "0.01"], ["--min_lr 0.01 must be <= --lr 0.003"]),
-    (["--warmup_iters", "-1"], ["--warmup_iters"]),
-    (["--tokens", "0"], ["--tokens"]),
-    (["--tokens", "1e20"], ["--tokens", "1e14"]),
-    (["--tokens", "inf"], ["--tokens"]),
-    (["--decay_frac", "2"], ["--decay_frac"]),
-    (["--schedule", "linear"], ["--schedule", "invalid choice"]),
-    (["--n_embd", "31"], ["multiple of --n_head"]),
-    (["--block_size", "100000", "--tokens", "1e9"], ["fewer than one sequence"]),
-    (["--device", "gpu7"], ["--device gpu7", "no such device"]),
-    (["--device", "cuda:3"], ["--device cuda:3", "no such device"]),
-    (["--resume", "--overwrite"], ["pass one"]),
-    (["--bogus"], ["unrecognized"]),
-])
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--k", "0"], ["--k must be in [1, 1024], got 0"]),
+        (["--k", "2.5"], ["--k", "must be an integer, got 2.5"]),
+        (["--k", "four"], ["--k", "invalid integer value"]),
+        (["--k", "2,4"], ["--k"]),
+        (["--lam", "1"], ["--lam must be in [0, 1), got 1"]),
+        (["--lam", "-0.1"], ["--lam", "[0, 1)"]),
+        (["--lam", "nan"], ["--lam", "got nan"]),
+        (["--lr", "0"], ["--lr", "(0, 10]"]),
+        (["--min_lr", "-1"], ["--min_lr", "[0, --lr 0.003]"]),
+        (["--min_lr", "nan"], ["--min_lr"]),
+        (["--min_lr", "0.01"], ["--min_lr must be in [0, --lr 0.003], got 0.01"]),
+        (["--warmup_iters", "-1"], ["--warmup_iters"]),
+        (["--tokens", "0"], ["--tokens"]),
+        (["--tokens", "1e20"], ["--tokens", "1e14"]),
+        (["--tokens", "inf"], ["--tokens"]),
+        (["--decay_frac", "2"], ["--decay_frac"]),
+        (["--micro_batch", "0"], ["--micro_batch"]),
+        (["--tokens_per_step", "100"], ["--tokens_per_step must be a multiple of K x block_size"]),
+        (["--schedule", "linear"], ["--schedule", "invalid choice"]),
+        (["--n_embd", "31"], ["--n_embd must be a multiple of --n_head 2"]),
+        (
+            ["--block_size", "65536", "--tokens_per_step", "262144", "--tokens", "1e9"],
+            ["fewer than one sequence"],
+        ),
+        (["--device", "gpu7"], ["--device gpu7", "no such device"]),
+        (["--device", "cuda:3"], ["--device cuda:3", "no such device"]),
+        (["--resume", "--overwrite"], ["pass one"]),
+        (["--bogus"], ["unrecognized"]),
+    ],
+)
 def test_bad_flags_are_refused(data_dir, tmp_path, capsys, flags, words):
     assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "o", *flags)), *words)
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_data_files_are_refused(tmp_path, capsys):
-    cases = {"missing": None, "empty": b"", "odd": b"\x01\x00\x02",
-             "foreign": np.array([5, 60000, 7] * 100, dtype=np.uint16).tobytes(),
-             "padding id": np.array([5, 50300, 7] * 100, dtype=np.uint16).tobytes()}
-    words = {"missing": "not found", "empty": "not uint16 tokens", "odd": "not uint16 tokens",
-             "foreign": "60000 >= 50257", "padding id": "50300 >= 50257"}
+    cases = {
+        "missing": None,
+        "empty": b"",
+        "odd": b"\x01\x00\x02",
+        "foreign": np.array([5, 60000, 7] * 100, dtype=np.uint16).tobytes(),
+        "padding id": np.array([5, 50300, 7] * 100, dtype=np.uint16).tobytes(),
+    }
+    words = {
+        "missing": "not found",
+        "empty": "not uint16 tokens",
+        "odd": "not uint16 tokens",
+        "foreign": "60000 >= 50257",
+        "padding id": "50300 >= 50257",
+    }
     for name, content in cases.items():
         d = tmp_path / name
         d.mkdir()
@@ -492,14 +564,18 @@ def test_an_out_dir_that_is_a_file_or_a_full_disk_is_one_line(data_dir, tmp_path
     assert (tmp_path / "afile").read_text() == "not a folder"
     real_open = open
     monkeypatch.setattr(P, "open", lambda p, mode: real_open("/dev/full", mode), raising=False)
-    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "full")), "No space left on device",
-                   "while writing")
+    assert_refused(
+        refused(capsys, tiny_cli(data_dir, tmp_path / "full")), "No space left on device", "while writing"
+    )
     assert [n for n in os.listdir(tmp_path / "full") if ".tmp" in n] == []
 
 
 def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
-    assert_refused(refused(capsys, tiny_cli(data_dir, tmp_path / "none", "--resume")), "no checkpoint",
-                   "run without --resume")
+    assert_refused(
+        refused(capsys, tiny_cli(data_dir, tmp_path / "none", "--resume")),
+        "no checkpoint",
+        "run without --resume",
+    )
     good = tmp_path / "good"
     P.main(tiny_cli(data_dir, good, "--tokens", "1024")[2:])
     capsys.readouterr()
@@ -515,14 +591,15 @@ def test_bad_checkpoints_are_refused(data_dir, tmp_path, capsys):
     torch.save({"state_dict": {}}, foreign / "ckpt.pt")
     assert_refused(refused(capsys, tiny_cli(data_dir, foreign, "--resume")), "not a checkpoint of this")
     # a different run in the out dir: refused, and the checkpoint there is untouched
-    assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "1024")), "already holds a run")
+    assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "1024")), "holds a run")
     assert (good / "ckpt.pt").read_bytes() == blob
-    assert_refused(refused(capsys, tiny_cli(data_dir, good, "--tokens", "2048", "--resume")),
-                   "--tokens 1024, not 2048")
+    assert_refused(
+        refused(capsys, tiny_cli(data_dir, good, "--tokens", "2048", "--resume")), "--tokens 1024, not 2048"
+    )
     assert (good / "ckpt.pt").read_bytes() == blob
 
 
-def test_help_shows_real_defaults_from_the_field_comments(capsys):
+def test_help_shows_every_flag_with_its_default(capsys):
     for module in (P, compare, bench, sample):
         with pytest.raises(SystemExit):
             module.build_parser().parse_args(["--help"])
@@ -530,8 +607,12 @@ def test_help_shows_real_defaults_from_the_field_comments(capsys):
         assert "(default: )" not in text and "None" not in text, module.__name__
     P.build_parser().print_help()
     text = " ".join(capsys.readouterr().out.split())
-    assert "[0, 1) fraction of the tokens trained at patch level" in text
-    assert "(default: 0.67)" in text and "default: out/k{K}_lam{lam}" in text
+    assert "--lam LAM fraction of the tokens trained at patch level, in [0, 1) (default: 0.67)" in text
+    assert "--tokens_per_step TOKENS_PER_STEP tokens per optimizer step in both stages" in text
+    assert (
+        "--untied separate input and output embedding matrices" in text
+        and "default: out/k{K}_lam{lam}" in text
+    )
 
 
 def test_ctrl_c_while_sampling_claims_no_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
@@ -563,8 +644,13 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     lines = []
     results = compare.compare(TINY, tc, lists, root, log=lines.append)
     names = [r["name"] for r in results]
-    assert names == ["baseline", "patch_k2_lam0.5", "patch_k4_lam0.5", "baseline_cost0.625",
-                     "baseline_cost0.75"]
+    assert names == [
+        "baseline",
+        "patch_k2_lam0.5",
+        "patch_k4_lam0.5",
+        "baseline_cost0.625",
+        "baseline_cost0.75",
+    ]
     by = {r["name"]: r["summary"] for r in results}
     assert sum(by["baseline"]["tokens"]) == N and by["baseline"]["stages"] == ["token"]
     for cost in (0.625, 0.75):
@@ -576,15 +662,16 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     with open(tmp_path / "cmp" / "results.json") as f:
         assert [r["name"] for r in json.load(f)["results"]] == names
     # again into the same folder: refused without --resume; with it, the finished runs are reused
-    with pytest.raises(P.UserError, match="already holds a run"):
+    with pytest.raises(P.UserError, match="holds a run"):
         compare.compare(TINY, tc, lists, root, log=quiet)
     lines = []
     other = str(data_dir / "train.bin")  # another text to evaluate on, as WikiText-103 test would be
     again = compare.compare(TINY, replace(tc, resume=True), lists, root, lines.append, extra_val_bin=other)
     assert sum("finished earlier" in line for line in lines) == 5
     assert [r["summary"]["val_loss"] for r in again] == [r["summary"]["val_loss"] for r in results]
-    assert "extra ppl" in lines[-len(results) - 2] and all(r["extra_val_loss"] != r["summary"]["val_loss"]
-                                                            for r in again)
+    assert "extra ppl" in lines[-len(results) - 2] and all(
+        r["extra_val_loss"] != r["summary"]["val_loss"] for r in again
+    )
     run = P.Run(TINY, replace(tc, val_bin=other), log=quiet)  # the same windows a --val_bin run would use
     run.raw_model.load_state_dict(P.load_checkpoint(os.path.join(root, "baseline", "ckpt.pt"))["model"])
     run.evaluate(run.stages[-1])
@@ -599,16 +686,18 @@ def test_compare_plans_schedule_families_and_drops_repeats():
     names = [r[0] for r in runs]
     assert len(names) == len(set(names))
     # restart and global share their one-stage baselines (the same run); wsd has its own
-    assert {n for n in names if "baseline" in n} == {f"{p}baseline{c}" for p in ("", "wsd_")
-                                                     for c in ("", "_cost0.625", "_cost0.75")}
-    assert {n for n in names if "patch" in n} == {f"{p}patch_k{k}_lam0.5" for p in ("", "global_", "wsd_")
-                                                  for k in (4, 2)}
+    assert {n for n in names if "baseline" in n} == {
+        f"{p}baseline{c}" for p in ("", "wsd_") for c in ("", "_cost0.625", "_cost0.75")
+    }
+    assert {n for n in names if "patch" in n} == {
+        f"{p}patch_k{k}_lam0.5" for p in ("", "global_", "wsd_") for k in (4, 2)
+    }
     assert all(s == "wsd" for n, s, *_ in runs if n.startswith("wsd_"))
 
 
 def test_compare_refuses_a_bad_list_value_before_training(data_dir, tmp_path, capsys):
     cmd = tiny_cli(data_dir, tmp_path / "cmp", "--k", "2,0", script="compare.py")
-    assert_refused(refused(capsys, cmd), "--k", "integer in [1, 1024], got 0")
+    assert_refused(refused(capsys, cmd), "--k must be in [1, 1024], got 0")
     assert not (tmp_path / "cmp").exists()
 
 
@@ -617,10 +706,15 @@ def test_compare_refuses_a_bad_list_value_before_training(data_dir, tmp_path, ca
 
 
 def ddp_worker(rank, world, port, data_dir, out_dir, result_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
-    tc = tiny_train_config(data_dir, out_dir, batch_size=4, grad_accum=4, tokens=16 * 16 * 12)
+    tc = tiny_train_config(data_dir, out_dir, micro_batch=4, tokens=16 * 16 * 12)
     runs = []
 
     class Recorded(P.Run):  # the real train(), with a handle on each process's run
@@ -631,8 +725,15 @@ def ddp_worker(rank, world, port, data_dir, out_dir, result_dir):
     P.Run = Recorded
     summary = P.train(TINY, tc, log=quiet)
     run = runs[0]
-    torch.save({"model": run.raw_model.state_dict(), "tokens": run.tokens_seen, "summary": summary,
-                "steps": [s.steps for s in run.stages]}, os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "model": run.raw_model.state_dict(),
+            "tokens": run.tokens_seen,
+            "summary": summary,
+            "steps": [s.steps for s in run.stages],
+        },
+        os.path.join(result_dir, f"rank{rank}.pt"),
+    )
     torch.distributed.destroy_process_group()
 
 
@@ -650,14 +751,13 @@ def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
     assert r0["summary"]["val_loss"] > 0 and r1["summary"] is None  # only rank 0 evaluates and saves
     assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt.pt", "summary.json"]
     # one process with the same tokens per step sees the same batches: same accounting, same weights
-    tc = tiny_train_config(data_dir, tmp_path / "single", batch_size=4, grad_accum=4, tokens=16 * 16 * 12)
+    tc = tiny_train_config(data_dir, tmp_path / "single", micro_batch=4, tokens=16 * 16 * 12)
     torch.set_num_threads(1)
-    run = P.Run(TINY, tc, log=quiet)
-    os.makedirs(tc.out_dir)
-    while run.stage_idx < len(run.stages):
-        run.train_stage()
-    assert r0["tokens"] == run.tokens_seen and r0["steps"] == [s.steps for s in run.stages]
-    single = run.raw_model.state_dict()
+    summary = P.train(TINY, tc, log=quiet)
+    assert r0["summary"]["tokens"] == summary["tokens"] and r0["steps"] == [
+        s.steps for s in P.plan_stages(tc, 16)
+    ]
+    single = final_weights(tc.out_dir)
     for key in single:
         assert torch.allclose(single[key], r0["model"][key], atol=2e-4), key
 
@@ -721,14 +821,28 @@ def test_bench_times_both_stages(data_dir, capsys):
 
 def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
     """bench_gpu.sh is meant for a short loan of a GPU, where a typo costs the loan: dry-run it."""
-    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", COMPILE="", DATA=str(data_dir),
-               TOKENS="8192", OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"),
-               SHAPE="--n_layer 1 --n_head 2 --n_embd 32 --block_size 16",
-               BATCH="--batch_size 8 --grad_accum 2")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        DEVICE="cpu",
+        COMPILE="",
+        DATA=str(data_dir),
+        TOKENS="8192",
+        OUT=str(tmp_path / "out"),
+        RUNS=str(tmp_path / "runs"),
+        SHAPE="--n_layer 1 --n_head 2 --n_embd 32 --block_size 16",
+        BATCH="--tokens_per_step 256 --micro_batch 8",
+    )
     proc = run_cli(["bash", os.path.join(HERE, "bench_gpu.sh")], env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "out")) == ["bench.json", "bench.txt", "env.txt", "k1.txt", "k4.txt",
-                                                     "whole_run.txt"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "bench.json",
+        "bench.txt",
+        "env.txt",
+        "k1.txt",
+        "k4.txt",
+        "whole_run.txt",
+    ]
     bench_rows = json.load(open(tmp_path / "out" / "bench.json"))["rows"]
     assert [r["K"] for r in bench_rows] == [1, 4]
     assert "-> ratio" in (tmp_path / "out" / "whole_run.txt").read_text()
@@ -751,19 +865,49 @@ def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
 
 def test_default_run_and_sampling_work_offline_from_a_fresh_folder(tmp_path):
     offline = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
-    offline.update(TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"), PYTHONUNBUFFERED="1",
-                   **dict.fromkeys(("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"),
-                                   "http://127.0.0.1:9"))
+    offline.update(
+        TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"),
+        PYTHONUNBUFFERED="1",
+        **dict.fromkeys(("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"), "http://127.0.0.1:9"),
+    )
     os.makedirs(offline["TIKTOKEN_CACHE_DIR"])
-    small = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
-             "--grad_accum", "1", "--tokens", "4096", "--eval_iters", "1", "--device", "cpu"]
+    small = [
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+        "--n_embd",
+        "32",
+        "--block_size",
+        "32",
+        "--tokens_per_step",
+        "128",
+        "--micro_batch",
+        "4",
+        "--tokens",
+        "4096",
+        "--eval_iters",
+        "1",
+        "--device",
+        "cpu",
+    ]
     cmd = [sys.executable, os.path.join(HERE, "patchgpt.py"), "--k", "4", "--lam", "0.67", *small]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=offline, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "preparing Tiny Shakespeare" in run.stdout and "final token-level val loss" in run.stdout
     assert (tmp_path / "data" / "tinyshakespeare" / "train.bin").stat().st_size == 2 * 301_966
-    cmd = [sys.executable, os.path.join(HERE, "sample.py"), "--prompt", "ROMEO:", "--num_samples", "1",
-           "--max_new_tokens", "5", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "sample.py"),
+        "--prompt",
+        "ROMEO:",
+        "--num_samples",
+        "1",
+        "--max_new_tokens",
+        "5",
+        "--device",
+        "cpu",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=offline, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ROMEO:")  # and no note about a checkpoint without token-level training

@@ -7,6 +7,7 @@ equal data) as ln of their perplexity ratio, marked as the paper's.
   python docs/trend.py out/gut_trend_2.5e5/results.json out/gut_grid_1M/results.json ... \\
       --plot docs/gutenberg_trend.png
 """
+
 import argparse
 import json
 import math
@@ -37,12 +38,21 @@ def rows(paths):
                 continue
             same, cheap, _ = compare.baselines(r, results)
             loss = r["summary"]["val_loss"]
-            out.append({"recipe": f"{r['schedule']} K={r['k']} lam={r['lam']:g}", "tokens": r["tokens"],
-                        "per_param": r["tokens"] / n_all, "per_body_param": r["tokens"] / n_body,
-                        "gap_data": loss - same["summary"]["val_loss"] if same else None,
-                        "gap_compute": loss - cheap["summary"]["val_loss"] if cheap else None,
-                        "extra_gap_data": (r["extra_val_loss"] - same["extra_val_loss"]
-                                           if same and "extra_val_loss" in r else None)})
+            out.append(
+                {
+                    "recipe": f"{r['schedule']} K={r['k']} lam={r['lam']:g}",
+                    "tokens": r["tokens"],
+                    "per_param": r["tokens"] / n_all,
+                    "per_body_param": r["tokens"] / n_body,
+                    "gap_data": loss - same["summary"]["val_loss"] if same else None,
+                    "gap_compute": loss - cheap["summary"]["val_loss"] if cheap else None,
+                    "extra_gap_data": (
+                        r["extra_val_loss"] - same["extra_val_loss"]
+                        if same and "extra_val_loss" in r
+                        else None
+                    ),
+                }
+            )
     return sorted(out, key=lambda x: (x["recipe"], x["tokens"]))
 
 
@@ -53,31 +63,53 @@ def main():
     args = p.parse_args()
     table = rows(args.results)
     fmt = lambda v: f"{v:+.4f}" if v is not None else "-"  # noqa: E731
-    print(f"{'recipe':<26}{'tokens':>11}{'tok/param':>11}{'(non-emb)':>11}{'gap data':>10}"
-          f"{'gap compute':>13}{'gap data WT103':>16}")
+    print(
+        f"{'recipe':<26}{'tokens':>11}{'tok/param':>11}{'(non-emb)':>11}{'gap data':>10}"
+        f"{'gap compute':>13}{'gap data WT103':>16}"
+    )
     for r in table:
-        print(f"{r['recipe']:<26}{r['tokens']:>11,}{r['per_param']:>11.3f}{r['per_body_param']:>11.2f}"
-              f"{fmt(r['gap_data']):>10}{fmt(r['gap_compute']):>13}{fmt(r['extra_gap_data']):>16}")
+        print(
+            f"{r['recipe']:<26}{r['tokens']:>11,}{r['per_param']:>11.3f}{r['per_body_param']:>11.2f}"
+            f"{fmt(r['gap_data']):>10}{fmt(r['gap_compute']):>13}{fmt(r['extra_gap_data']):>16}"
+        )
     for tokens, base, patch in PAPER:
         label = f"{tokens / 1e9:.0f}B"
-        print(f"{'paper 370M restart lam=2/3':<26}{label:>11}{tokens / PAPER_PARAMS:>11.0f}{'':>11}"
-              f"{math.log(patch / base):>+10.4f}{'-':>13}{'(WikiText-103)':>16}")
+        print(
+            f"{'paper 370M restart lam=2/3':<26}{label:>11}{tokens / PAPER_PARAMS:>11.0f}{'':>11}"
+            f"{math.log(patch / base):>+10.4f}{'-':>13}{'(WikiText-103)':>16}"
+        )
     if args.plot:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for i, recipe in enumerate(sorted({r["recipe"] for r in table})):
             pts = [r for r in table if r["recipe"] == recipe]
-            for key, style, what in (("gap_data", "o-", "equal data"),
-                                     ("gap_compute", "s--", "equal compute")):
-                ax.plot([r["per_param"] for r in pts], [r[key] for r in pts], style, color=f"C{i}",
-                        label=f"ours, {recipe}, {what}")
-        ax.plot([t / PAPER_PARAMS for t, _, _ in PAPER], [math.log(pt / b) for _, b, pt in PAPER],
-                "k^:", label="the paper's 370M, K=4 lam=2/3, equal data (WikiText-103)")
+            for key, style, what in (
+                ("gap_data", "o-", "equal data"),
+                ("gap_compute", "s--", "equal compute"),
+            ):
+                ax.plot(
+                    [r["per_param"] for r in pts],
+                    [r[key] for r in pts],
+                    style,
+                    color=f"C{i}",
+                    label=f"ours, {recipe}, {what}",
+                )
+        ax.plot(
+            [t / PAPER_PARAMS for t, _, _ in PAPER],
+            [math.log(pt / b) for _, b, pt in PAPER],
+            "k^:",
+            label="the paper's 370M, K=4 lam=2/3, equal data (WikiText-103)",
+        )
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="training tokens per parameter (all parameters, embeddings included)",
-               ylabel="val loss gap, nats (patch - baseline)")
+        ax.set(
+            xscale="log",
+            xlabel="training tokens per parameter (all parameters, embeddings included)",
+            ylabel="val loss gap, nats (patch - baseline)",
+        )
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
         fig.tight_layout()
