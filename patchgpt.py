@@ -32,6 +32,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Same command, same numbers on a CPU. Intel MKL computes the matmuls and, in AdamW's step, the square
+# root (vmsSqrt); unless told otherwise it may pick its code path and its thread count call by call at
+# run time, the likely source of the rare last-digit differences seen between runs on a busy machine.
+# CBWR=AUTO fixes the code path for this CPU (MKL reads it at its first call, before any tensor math
+# here); set_num_threads turns MKL's dynamic thread count off. bench.py: same numbers, same speed.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+torch.set_num_threads(torch.get_num_threads())
+
 # ---------------------------------------------------------------------------------------------
 # config: every field is a command-line flag of the same name; validate() checks their ranges
 
@@ -56,17 +64,25 @@ class TrainConfig:
     lam: float = flag(0.67, "fraction of the tokens trained at patch level, in [0, 1)")
     tokens: int = flag(500_000, "training tokens, both stages together (e.g. 2e9)")
     # as in the paper, a patch step reads as many tokens as a token step: 1/K the sequences, each K times
-    # longer, so it costs 1/K the compute; micro_batch only splits a step's sequences into passes
+    # longer, so it costs 1/K the compute
     tokens_per_step: int = flag(
         2048, "tokens per optimizer step in both stages (patch stage: 1/K the sequences)"
     )
-    micro_batch: int = flag(8, "most sequences per forward/backward pass (and process); a step accumulates")
+    micro_batch: int = flag(
+        8,
+        "most sequences per forward/backward pass and process; a step adds up the gradients of "
+        "as many passes as its sequences need",
+    )
     lr: float = flag(1e-3, "peak learning rate")
     min_lr: float = flag(1e-4, "learning rate at the end of the schedule, <= lr")
     warmup_iters: int = flag(20, "linear warmup steps (per stage with --schedule restart)")
-    # restart: per stage a new AdamW, warmup and cosine (the paper); global: one AdamW and one cosine over
-    # both stages; wsd: one AdamW, warmup, then the peak held until a linear decay over the last decay_frac
-    schedule: str = flag("restart", "restart (the paper), global or wsd", ["restart", "global", "wsd"])
+    schedule: str = flag(
+        "restart",
+        "restart: per stage a fresh AdamW, warmup and cosine (the paper); global: one AdamW and one "
+        "cosine over both stages; wsd: one AdamW, warmup, the peak lr, then a linear decay over the last "
+        "--decay_frac",
+        ["restart", "global", "wsd"],
+    )
     decay_frac: float = flag(0.2, "with --schedule wsd: the last fraction of all steps decays to min_lr")
     weight_decay: float = flag(0.1, "AdamW weight decay of the matrices")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
