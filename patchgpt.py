@@ -120,7 +120,6 @@ def validate(mc, tc):
         ("n_layer", mc.n_layer, 1 <= mc.n_layer <= 1000, "in [1, 1000]"),
         ("n_head", mc.n_head, 1 <= mc.n_head <= 1000, "in [1, 1000]"),
         ("n_embd", mc.n_embd, 1 <= mc.n_embd <= 1e5, "in [1, 1e5]"),
-        ("n_embd", mc.n_embd, mc.n_embd % mc.n_head == 0, f"a multiple of --n_head {mc.n_head}"),
         ("k", tc.k, 1 <= tc.k <= 1024, "in [1, 1024]"),
         ("lam", tc.lam, 0 <= tc.lam < 1, "in [0, 1)"),
         ("tokens", tc.tokens, 1 <= tc.tokens <= 1e14, "in [1, 1e14]"),
@@ -140,6 +139,8 @@ def validate(mc, tc):
     for name, value, ok, rule in rules:
         if not ok:  # `not ok` and not `ok is False`: a NaN fails every comparison
             raise UserError(f"--{name} must be {rule}, got {value:g}")
+    if mc.n_embd % mc.n_head:
+        raise UserError(f"--n_embd must be a multiple of --n_head {mc.n_head}, got {mc.n_embd}")
     if tc.resume and tc.overwrite:
         raise UserError("--resume continues the run in --out_dir and --overwrite discards it: pass one")
 
@@ -292,6 +293,8 @@ def plan_stages(tc, block_size, world_size=1):
     patch_steps = round(tc.lam * total)
     if patch_steps == total:
         raise UserError(f"--tokens {tc.tokens} leaves no step for the token stage; raise it or --lam")
+    if patch_steps == 0 and tc.k > 1:
+        raise UserError(f"--tokens {tc.tokens} leaves no step for the patch stage; raise it or --lam")
     plan = []
     for name, K, steps in (("patch", tc.k, patch_steps), ("token", 1, total - patch_steps)):
         if tc.tokens_per_step % block_size or rows % (K * world_size):
@@ -357,7 +360,8 @@ def load_checkpoint(path, missing="to resume from; run without --resume to start
         raise UserError(f"no checkpoint at {path} {missing}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["format"] == CHECKPOINT_FORMAT
+        if ckpt["format"] != CHECKPOINT_FORMAT:
+            raise ValueError(ckpt["format"])
     except Exception as e:  # truncated, not a torch file, or not ours
         raise UserError(f"{path} is not a checkpoint of this patchgpt ({type(e).__name__})") from None
     return ckpt
@@ -481,10 +485,11 @@ class Run:
 
     def train_step(self, stage, lr):
         """One optimizer step: the gradient of grad_accum micro-batches, clipped, then AdamW.
-        Returns the last micro-batch's loss, not yet read (reading it would wait for the GPU)."""
+        Returns the mean loss of the micro-batches, not yet read (reading it would wait for the GPU)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n = stage.micro_batch
+        losses = []
         for micro in range(stage.grad_accum):
             # every process draws the same starts and takes its own slice: one RNG state to save,
             # and N processes see exactly the batches one process would see with N times the rows
@@ -496,11 +501,12 @@ class Run:
             with self.ctx:
                 _, loss = self.model(x, y, patch_size=stage.K)
             (loss / stage.grad_accum).backward()
+            losses.append(loss.detach())  # all of them: a bad loss in any micro-batch spoils the step
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return torch.stack(losses).mean()
 
 
 def train_stages(run):
@@ -512,9 +518,10 @@ def train_stages(run):
             continue  # finished before a resume
         # the switch: the paper starts stage 2 with a fresh AdamW, warmup and cosine (restart);
         # global and wsd keep one AdamW, with its moments, and one schedule across both stages
-        if run.optimizer is None or (tc.schedule == "restart" and run.step == 0):
+        restart = tc.schedule == "restart"
+        if run.optimizer is None or (restart and run.step == 0):
             run.optimizer = run.raw_model.configure_optimizer(tc, run.device_type)
-        restart = tc.schedule == "restart"  # else one schedule over the steps of both stages
+        # restart: each stage its own warmup and cosine; global and wsd: one schedule over all the steps
         first_step = 0 if restart else sum(s.steps for s in run.stages[:i])
         schedule_steps = stage.steps if restart else sum(s.steps for s in run.stages)
         if run.step == 0 and run.master:
@@ -528,7 +535,8 @@ def train_stages(run):
             last = run.step == stage.steps
             at_eval = run.step % tc.eval_interval == 0 or last
             # one process stops on Ctrl-C at once; DDP processes agree on it at the next progress line
-            if not (run.step % tc.log_interval == 0 or at_eval or (run.stop and not run.ddp)):
+            report = run.step % tc.log_interval == 0 or at_eval or (run.stop and not run.ddp)
+            if not report:
                 continue
             if run.device_type == "cuda":
                 torch.cuda.synchronize()  # time the work, not its launch
@@ -547,12 +555,15 @@ def train_stages(run):
                 torch.distributed.all_reduce(flags)
             if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
                 raise UserError(f"non-finite loss by {stage.name} step {run.step}; try a lower --lr")
-            run.stop = run.stop or bool(flags[1] > 0)
+            # what every process agreed on; a Ctrl-C that lands after the all-reduce stops at the next line
+            stop = bool(flags[1] > 0)
             if at_eval and run.master:
                 run.evaluate(stage)
-            if (run.stop or (at_eval and not last)) and run.master:
+            if (stop or (at_eval and not last)) and run.master:  # the last step's save is the switch's
                 run.save()
-            if run.stop:
+            if stop:
+                if run.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
+                    torch.distributed.barrier()
                 raise KeyboardInterrupt
             t0, tokens0, losses = time.time(), run.tokens_seen, []  # the next progress line's window
         run.stage_idx = i + 1
@@ -606,7 +617,7 @@ def train(mc, tc, log=print):
     if not run.master:
         return None  # the other processes of a DDP run have neither the evaluations nor a summary
     tokens = [s.steps * s.tokens_per_step for s in run.stages]
-    tok_s = [n / t for n, t in zip(tokens, run.train_time)]
+    tok_s = [n / max(t, 1e-9) for n, t in zip(tokens, run.train_time)]
     summary = {
         "k": tc.k,
         "lam": tc.lam,
@@ -675,12 +686,12 @@ def configs(args):
     tc = resolve_dtype(tc)
     if not tc.out_dir:
         tc.out_dir = "out/k1" if tc.k == 1 else f"out/k{tc.k}_lam{tc.lam:g}"
-    data = TrainConfig.data_dir
-    if tc.data_dir == data and not os.path.exists(os.path.join(data, "train.bin")):
-        print(f"{data}/train.bin not found: preparing Tiny Shakespeare (it ships with patchgpt)")
+    default_data = TrainConfig.data_dir
+    if tc.data_dir == default_data and not os.path.exists(os.path.join(default_data, "train.bin")):
+        print(f"{default_data}/train.bin not found: preparing Tiny Shakespeare (it ships with patchgpt)")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        if subprocess.call([sys.executable, script, "--out_dir", data]) != 0:
-            raise UserError(f"could not prepare {data} (see above)")
+        if subprocess.call([sys.executable, script, "--out_dir", default_data]) != 0:
+            raise UserError(f"could not prepare {default_data} (see above)")
     return mc, tc
 
 

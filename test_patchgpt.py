@@ -536,6 +536,8 @@ def test_refusal_from_the_real_command_line(data_dir, tmp_path):
         (["--tokens_per_step", "100"], ["--tokens_per_step must be a multiple of K x block_size"]),
         (["--schedule", "linear"], ["--schedule", "invalid choice"]),
         (["--n_embd", "31"], ["--n_embd must be a multiple of --n_head 2"]),
+        (["--n_head", "0"], ["--n_head must be in [1, 1000], got 0"]),
+        (["--lam", "0.001"], ["leaves no step for the patch stage"]),
         (
             ["--block_size", "65536", "--tokens_per_step", "262144", "--tokens", "1e9"],
             ["fewer than one sequence"],
