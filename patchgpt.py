@@ -105,7 +105,7 @@ class TrainConfig:
             self.lam = 0.0
 
 
-# what a resume may change: it changes neither the weights nor the evaluation
+# what a resume may change: where it runs and how often it reports (another device may change the last digits)
 RESUMABLE = ("out_dir", "device", "compile", "resume", "overwrite", "eval_interval", "log_interval")
 
 
@@ -157,7 +157,8 @@ class Block(nn.Module):
         super().__init__()
         C = config.n_embd
         self.n_head = config.n_head
-        self.ln_1 = nn.LayerNorm(C)  # in GPT-2's order: the order in which grad clipping adds up norms
+        # GPT-2's order of modules: parameters() follows it, and so does grad clipping's float sum of norms
+        self.ln_1 = nn.LayerNorm(C)
         self.attn = nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C), c_proj=nn.Linear(C, C)))
         self.ln_2 = nn.LayerNorm(C)
         self.mlp = nn.Sequential(
@@ -303,6 +304,7 @@ def plan_stages(tc, block_size, world_size=1):
         if steps == 0:
             continue  # the baseline has no patch stage
         mine = rows // (K * world_size)  # this process's sequences per step
+        # the fewest equal passes of at most micro_batch sequences each
         accum = next(a for a in range(1, mine + 1) if mine % a == 0 and mine // a <= tc.micro_batch)
         plan.append(Stage(name, K, steps, mine // accum, accum, tc.tokens_per_step))
     return plan
