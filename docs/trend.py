@@ -116,17 +116,13 @@ def main():
             "k^:",
             label="the paper's 370M, K=4 lam=2/3, equal data (WikiText-103)",
         )
-        ax.axhline(0, color="gray", lw=0.8)
-        ax.set(
-            xscale="log",
+        save(
+            fig,
+            ax,
+            args.plot,
             xlabel="training tokens per parameter (all parameters, embeddings included)",
             ylabel="val loss gap, nats (patch - baseline)",
         )
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
-        print(f"wrote {args.plot}")
 
 
 def recipes_plot(plt, table, path):
@@ -141,12 +137,19 @@ def recipes_plot(plt, table, path):
             if r["recipe"] == recipe and r["gap_compute"] is not None
         ]
         ax.plot(*zip(*pts), "o-", color=f"C{i + len(SECTION5)}", label=f"{recipe} (TST-style, section 6)")
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(
-        xscale="log",
+    save(
+        fig,
+        ax,
+        path,
         xlabel="training tokens (Gutenberg, the default 7.25M-parameter model)",
         ylabel="val loss gap at equal compute, nats (patch - baseline)",
     )
+
+
+def save(fig, ax, path, xlabel, ylabel):
+    """Both plots: a zero line (below it the patch run is better), log x, a grid and the legend."""
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
