@@ -18,6 +18,7 @@ Usage (takes every patchgpt.py flag, plus --warmup_steps and --timed_steps):
 """
 
 import json
+import re
 import time
 import weakref
 
@@ -28,19 +29,22 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import patchgpt as P
 
-# dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s); MFU is reported against
-# the entry whose key appears in torch.cuda.get_device_name(), and left out for unknown devices
-PEAK_BF16 = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-}
+# dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), by the words of the name that
+# torch.cuda.get_device_name() gives; MFU is left out for a device that none matches
+PEAK_BF16 = [  # the first entry all of whose words are in the name: variants before their base model
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
 
 
 def flops_per_position(config):
@@ -53,20 +57,10 @@ def flops_per_position(config):
     return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def sync_device(device):
-    """Wait for queued GPU work, so that wall-clock timings measure the work itself."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def peak_flops(device):
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16.items():  # more specific keys come first
-        if key in name:
-            return peak
-    return None
+def peak_flops(name):
+    """The bf16 peak of a device by its name, matched by whole words: "NVIDIA L40" is not an L4."""
+    words = set(re.split(r"[\s_-]+", name.upper()))
+    return next((peak for key, peak in PEAK_BF16 if set(key.upper().split()) <= words), None)
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -117,13 +111,13 @@ def time_stage(run, stage, warmup_steps, timed_steps):
     run.model.train()
     for _ in range(warmup_steps):  # the first steps compile kernels and grow the caching allocator
         run.train_step(stage, run.tc.lr)
-    sync_device(run.device)
+    P.synchronize(run.device)
     if run.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     t0 = time.perf_counter()
     for _ in range(timed_steps):
         run.train_step(stage, run.tc.lr)
-    sync_device(run.device)
+    P.synchronize(run.device)
     secs = (time.perf_counter() - t0) / timed_steps
     if run.device_type == "cuda":
         peak = torch.cuda.max_memory_allocated(run.device)
@@ -135,7 +129,8 @@ def time_stage(run, stage, warmup_steps, timed_steps):
 def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     run = P.Run(mc, tc, log=lambda *a: None)  # the stages of a real run with these flags
     per_pos = flops_per_position(mc)
-    peak = peak_flops(run.device)
+    name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
+    peak = peak_flops(name) if run.device_type == "cuda" else None
     rows = []
     for stage in sorted(run.stages, key=lambda s: s.K):  # token stage first, as a reference
         secs, mem = time_stage(run, stage, warmup_steps, timed_steps)
@@ -152,7 +147,6 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
             }
         )
     token, patch = rows[0], rows[-1]
-    name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
     n_params = sum(p.numel() for p in run.raw_model.parameters())
     log(
         f"device {name} | {mc.n_layer} layers, {mc.n_embd} wide, block {mc.block_size} | "
@@ -176,7 +170,7 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     )
     log(
         f"whole run --k {patch['K']} --lam {lam:.3g}: wall time {ratio:.3f} of token-level training "
-        f"of the same tokens (predicted lam/K + 1 - lam = {P.cost_factor(patch['K'], lam):.3f})"
+        f"of the same tokens (compute {P.plan_cost(run.stages):.3f}: lam/K + 1 - lam to whole steps)"
     )
     return {"device": name, "rows": rows, "speedup": speedup, "run_ratio": ratio}
 

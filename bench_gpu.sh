@@ -7,7 +7,8 @@
 #   2. two real runs of the same tokens, token level and --k 4 --lam 0.67, eager (compile time would
 #      swamp runs this short), and the ratio of their training times from their summary.json files.
 # Needs data/tinyshakespeare (python prepare_data.py). The printed results go to $OUT (out/gpu_check),
-# six small files; the runs' checkpoints (0.5 GB each at this shape) to $RUNS (out/gpu_check_runs).
+# six small files; the runs' checkpoints (about 1.5 GB each at this shape: the weights and AdamW's two
+# moments, float32) to $RUNS (out/gpu_check_runs).
 # A dry run on CPU, to check the script itself:
 #   DEVICE=cpu COMPILE= SHAPE="--n_layer 2 --n_head 2 --n_embd 64 --block_size 64" TOKENS=2e5 bash bench_gpu.sh
 set -euo pipefail
@@ -53,5 +54,5 @@ t1, t4 = sum(k1["time"]), sum(k4["time"])
 # (no losses here: this many tokens are dozens of passes over Tiny Shakespeare, so they would measure
 # overfitting; the runs are for time)
 print(f"training time: token level {t1:.1f}s, --k 4 --lam 0.67 {t4:.1f}s -> ratio {t4 / t1:.3f} "
-      f"(predicted {k4['predicted_cost']:.3f})")
+      f"(its compute {k4['compute_cost']:.3f})")
 EOF

@@ -1,6 +1,7 @@
 """
 compare.py: patch-level runs against token-level baselines on the same data, seed and model: the baseline
-on the same tokens (equal data) and a baseline on cost x the tokens (equal compute, cost = lam/K + 1 - lam).
+on the same tokens (equal data) and a baseline on cost x the tokens (equal compute: cost is the patch run's
+compute from its stage plan, lam/K + 1 - lam to whole steps).
 Prints a table, writes results.json and, with matplotlib installed, compare.png (token-level val loss
 against tokens and against compute, like the paper's Figure 1).
 
@@ -65,15 +66,16 @@ def family(schedule):
     return "wsd" if schedule == "wsd" else "restart"
 
 
-def cost(K, lam):
-    """cost_factor rounded as the equal-compute baselines' names and token counts use it."""
-    return round(P.cost_factor(K, lam), 4)
+def cost(tc, block_size):
+    """The compute of tc's stage plan (P.plan_cost) rounded as the equal-compute baselines' names and token
+    counts use it: a new layout of stages in patchgpt.py changes its baselines too."""
+    return round(P.plan_cost(P.plan_stages(tc, block_size)), 4)
 
 
-def plan_runs(args, lists):
+def plan_runs(tc, lists, block_size):
     """(name, schedule, K, lam, tokens) of every run: per schedule family the baseline, the patch runs and
     one equal-compute baseline per distinct cost. A one-stage run is the same under restart and global."""
-    N, runs = args.tokens, []
+    N, runs = tc.tokens, []
     for schedule in lists["schedule"]:
         pre = "" if schedule == "restart" else f"{schedule}_"
         base = "" if family(schedule) == "restart" else "wsd_"
@@ -83,7 +85,7 @@ def plan_runs(args, lists):
             for lam in lists["lam"]:
                 if K > 1 and lam > 0:
                     runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
-                    costs.append(cost(K, lam))
+                    costs.append(cost(replace(tc, k=K, lam=lam, schedule=schedule), block_size))
         runs += [
             (f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N)) for c in sorted(set(costs))
         ]
@@ -92,7 +94,7 @@ def plan_runs(args, lists):
 
 def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
     tc = P.resolve_dtype(tc)  # as train() saves it, so that finished runs are recognized
-    runs, results = plan_runs(tc, lists), []
+    runs, results = plan_runs(tc, lists, mc.block_size), []
     configs = [
         (name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))
         for name, s, K, lam, n in runs
@@ -155,7 +157,7 @@ def baselines(r, results):
     """r's token-level baselines of its schedule family: on the same tokens, of equal compute, and the
     family's largest (what the compute and time columns are relative to)."""
     runs = [b for b in results if b["k"] == 1 and b["schedule"] == family(r["schedule"])]
-    cheap = round(cost(r["k"], r["lam"]) * r["tokens"])
+    cheap = round(round(r["summary"]["compute_cost"], 4) * r["tokens"])
     return [next((b for b in runs if b["tokens"] == n), None) for n in (r["tokens"], cheap)] + [
         max(runs, key=lambda b: b["tokens"], default=None)
     ]

@@ -4,7 +4,8 @@ patchgpt: patch-level training of a GPT language model (Shao, Meng, Zhou, ICLR 2
 Stage 1 (patch level, a fraction lam of the tokens): each K consecutive token embeddings are averaged
 into one "patch", and one output distribution per patch predicts all K tokens of the next patch.
 Stage 2 (token level, the rest): plain next-token training, starting from the stage-1 weights.
-A run costs lam/K + 1 - lam of token-level training on the same tokens (K=4, lam=2/3: 0.5).
+A run costs lam/K + 1 - lam of token-level training on the same tokens (K=4, lam=2/3: 0.5): the
+paper's formula, which the run's stage plan gives up to its rounding to whole steps (plan_cost).
 
   python patchgpt.py --k 4 --lam 0.67    # the default model and data (Tiny Shakespeare); a CPU will do
   python patchgpt.py --k 1               # the token-level baseline; --help lists every flag
@@ -14,6 +15,7 @@ Sampling, comparisons and benchmarks: sample.py, compare.py, bench.py.
 """
 
 import argparse
+import contextlib
 import ctypes
 import io
 import json
@@ -31,14 +33,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# Same command, same numbers on a CPU. Intel MKL computes the matmuls and, in AdamW's step, the square
-# root (vmsSqrt); unless told otherwise it may pick its code path and its thread count call by call at
-# run time, the likely source of the rare last-digit differences seen between runs on a busy machine.
-# CBWR=AUTO fixes the code path for this CPU (MKL reads it at its first call, before any tensor math
-# here); set_num_threads turns MKL's dynamic thread count off. bench.py: same numbers, same speed.
-os.environ.setdefault("MKL_CBWR", "AUTO")
-torch.set_num_threads(torch.get_num_threads())
 
 # ---------------------------------------------------------------------------------------------
 # config: every field is a command-line flag of the same name; validate() checks their ranges
@@ -93,7 +87,9 @@ class TrainConfig:
     val_bin: str = flag("", "evaluate on this .bin instead of data_dir/val.bin (e.g. WikiText-103 test)")
     out_dir: str = flag("", "folder for ckpt.pt and summary.json (default: out/k{K}_lam{lam}, or out/k1)")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps")
-    dtype: str = flag("auto", "auto: bfloat16 on cuda, else float32", ["auto", "float32", "bfloat16"])
+    dtype: str = flag(
+        "auto", "auto: bfloat16 on a GPU that has it natively, else float32", ["auto", "float32", "bfloat16"]
+    )
     compile: bool = flag(False, "torch.compile the model (one graph per stage)")
     seed: int = flag(1337, "seed of the initial weights and of the batches")
     resume: bool = flag(False, "continue the run saved in out_dir")
@@ -219,12 +215,13 @@ class GPT(nn.Module):
         return logits, next_patch_loss(logits, targets, K)
 
     def configure_optimizer(self, tc, device_type):
-        # GPT-2's AdamW: weight decay on matrices only, not on biases and LayerNorm gains; on cuda the
-        # fused kernel is one launch for all parameters instead of several per tensor
+        # GPT-2's AdamW: weight decay on matrices only, not on biases and LayerNorm gains. On a GPU the
+        # fused kernel is one launch for all parameters instead of several per tensor (mps: torch 2.5 on);
+        # the CPU keeps the per-tensor loop that every published CPU number was made with
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0}]
-        return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), fused=device_type in ("cuda", "mps"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,9 +271,12 @@ def get_batch(data, starts, K, block_size, device):
     """x: (B, K*T) tokens from each start; y: the same windows shifted by K tokens, so every patch,
     the last one too, has a target patch (the paper's code drops the last patch instead)."""
     L = K * block_size
-    x = np.stack([data[i : i + L] for i in starts]).astype(np.int64)
-    y = np.stack([data[i + K : i + K + L] for i in starts]).astype(np.int64)
-    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    x = torch.from_numpy(np.stack([data[i : i + L] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + K : i + K + L] for i in starts]).astype(np.int64))
+    if device.startswith("cuda"):  # from pinned memory the copy is queued behind the GPU's work, not
+        # waited for: the CPU prepares the next batch while the GPU still computes this one (as nanoGPT)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,9 +310,11 @@ def plan_stages(tc, block_size, world_size=1):
     return plan
 
 
-def cost_factor(K, lam):
-    """Compute of patch-level training relative to token-level training on the same tokens."""
-    return lam / K + 1 - lam
+def plan_cost(stages):
+    """Compute relative to token-level training on the same tokens: a patch position costs what a token
+    position costs, and holds K tokens. For the paper's two stages: lam/K + 1 - lam, to whole steps."""
+    tokens = sum(s.steps * s.tokens_per_step for s in stages)
+    return sum(s.steps * s.tokens_per_step / s.K for s in stages) / tokens
 
 
 def seconds_left(stages, i, step, tok_s):
@@ -336,9 +338,368 @@ def get_lr(step, total_steps, tc):
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# training: Run holds a run's objects and progress; train_stages() is the method, step by step
 
 CHECKPOINT_FORMAT = "patchgpt-3"
+
+
+class Run:
+    """What a run trains with (device, data, model, optimizer, batch generator) and how far it has got
+    (stage_idx, step, tokens_seen, history, train_time): together, all that a checkpoint holds."""
+
+    def __init__(self, mc, tc, log=print):
+        self.mc = mc
+        self.tc = tc
+        self.world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+        self.rank = int(os.environ.get("RANK", 0))
+        self.ddp = self.world > 1
+        self.master = self.rank == 0  # the process that logs and saves
+        self.log = log if self.master else lambda *a: None
+        self.device = pick_device(tc.device)
+        if self.ddp and self.device.startswith("cuda"):  # one process per GPU
+            self.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(self.device)
+        if self.ddp and not torch.distributed.is_initialized():  # gloo: several processes on the CPU
+            torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+        self.device_type = self.device.split(":")[0]
+        self.ctx = autocast(self.device_type, tc.dtype)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on an Ampere GPU's tensor cores
+        self.stages = plan_stages(tc, mc.block_size, self.world)
+        need = (mc.block_size + 1) * tc.k  # tokens in one sequence and its target
+        self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), need)
+        self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), need)
+        # fixed evaluation windows, from their own generator so that evaluating never shifts training
+        eval_rng = np.random.default_rng(tc.seed + 1)
+        n_eval = tc.eval_iters * tc.micro_batch
+        self.eval_starts = batch_starts(eval_rng, len(self.val_data), 1, mc.block_size, n_eval)
+        # every run of a seed starts from the same weights, whatever K, lam or schedule: the baselines'
+        # fairness rests on it, so a module added for one stage must be made for every run alike
+        torch.manual_seed(tc.seed)
+        self.raw_model = GPT(mc).to(self.device)
+        self.model = self.raw_model  # what trains: compiled and/or wrapped for DDP
+        if tc.compile:  # static shapes: one graph per stage (K*T tokens, then T)
+            self.model = torch.compile(self.model, dynamic=False)
+        if self.ddp:  # DDP needs a gradient for every parameter in every stage (find_unused_parameters
+            # is off, the fast default): train_step() stops a model that leaves one out, with its name
+            ids = [self.device] if self.device_type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = None  # made when a stage starts (train_stages)
+        self.rng = np.random.default_rng(tc.seed)  # the training batches
+        self.stage_idx = 0
+        self.step = 0  # optimizer steps done in the current stage
+        self.tokens_seen = 0
+        self.history = []  # the evaluations
+        self.train_time = [0.0] * len(self.stages)  # seconds per stage, without evaluations and saves
+        self.timed_tokens = [0] * len(self.stages)  # the tokens trained in those seconds
+        self.clock = None  # (time, tokens_seen) at the start of the current progress line's window
+        self.losses = []  # the steps' losses since they were last checked
+        self.stop = False  # set by Ctrl-C or SIGTERM: save at the end of the step, then stop
+
+    def save(self):
+        if not self.master:
+            return
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": asdict(self.mc),
+            "train_config": asdict(self.tc),
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "stage_idx": self.stage_idx,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "history": self.history,
+            "train_time": self.train_time,
+            "timed_tokens": self.timed_tokens,
+        }
+        buf = io.BytesIO()  # serialized in memory first, so that a full disk is a plain OSError
+        torch.save(ckpt, buf)
+        atomic_write(os.path.join(self.tc.out_dir, "ckpt.pt"), buf.getvalue())
+
+    def load(self, ckpt):
+        # a flag added after the checkpoint was made counts as its default, the old code's behaviour
+        defaults = {f.name: f.default for f in fields(GPTConfig) + fields(TrainConfig)}
+        saved = {**defaults, **ckpt["model_config"], **ckpt["train_config"]}
+        for key, new in identity(self.mc, self.tc).items():
+            if saved[key] != new:
+                raise UserError(f"the checkpoint was made with --{key} {saved[key]}, not {new}")
+        self.optimizer = self.raw_model.configure_optimizer(self.tc, self.device_type)
+        for group in ckpt["optimizer"]["param_groups"]:  # AdamW's kernel for this device, not the saver's
+            group["fused"] = self.optimizer.defaults["fused"]
+        try:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as e:  # the model was changed since: one line, not a traceback
+            raise UserError(f"the checkpoint does not fit this model: {' '.join(str(e).split())}") from None
+        self.rng.bit_generator.state = ckpt["rng"]
+        self.stage_idx = ckpt["stage_idx"]
+        self.step = ckpt["step"]
+        self.tokens_seen = ckpt["tokens_seen"]
+        self.history = ckpt["history"]
+        self.train_time = ckpt["train_time"]
+        self.timed_tokens = ckpt.get("timed_tokens", [0] * len(self.stages))  # older ones: speed unknown
+
+    @torch.no_grad()
+    def evaluate(self, stage):
+        """Token-level val loss on the fixed windows, by the uncompiled model (eval shapes differ). Under
+        DDP each process scores every world-th batch and the sums are added up: no process waits in a
+        collective while another evaluates (NCCL's watchdog aborts long waits), and N are N times faster."""
+        self.raw_model.eval()
+        total = torch.zeros((), device=self.device)
+        bs = self.tc.micro_batch
+        for i in range(self.rank * bs, len(self.eval_starts), self.world * bs):
+            x, y = get_batch(self.val_data, self.eval_starts[i : i + bs], 1, self.mc.block_size, self.device)
+            with self.ctx:  # weighted by rows: a short last batch counts for what it holds
+                total += self.raw_model(x, y)[1].float() * len(x)
+        if self.ddp:
+            torch.distributed.all_reduce(total)
+        self.raw_model.train()
+        loss = (total / len(self.eval_starts)).item()
+        self.history.append(dict(stage=stage.name, step=self.step, tokens=self.tokens_seen, val_loss=loss))
+        self.log(f"eval {stage.name} step {self.step}: val loss {loss:.4f} (ppl {math.exp(loss):.1f})")
+
+    def train_step(self, stage, lr):
+        """One optimizer step: the gradient of grad_accum micro-batches, clipped, then AdamW.
+        Returns the mean loss of the micro-batches, not yet read (reading it would wait for the GPU)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n = stage.micro_batch
+        losses = []
+        for micro in range(stage.grad_accum):
+            # every process draws the same starts and takes its own slice: one RNG state to save,
+            # and N processes see exactly the batches one process would see with N times the rows
+            starts = batch_starts(self.rng, len(self.train_data), stage.K, self.mc.block_size, n * self.world)
+            mine = starts[self.rank * n : (self.rank + 1) * n]
+            x, y = get_batch(self.train_data, mine, stage.K, self.mc.block_size, self.device)
+            if self.ddp:  # average gradients across processes on the last micro-step only
+                self.model.require_backward_grad_sync = micro == stage.grad_accum - 1
+            with self.ctx:
+                _, loss = self.model(x, y, patch_size=stage.K)
+            (loss / stage.grad_accum).backward()
+            losses.append(loss.detach())  # all of them: a bad loss in any micro-batch spoils the step
+        unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
+        if self.ddp and unused:  # DDP would fail at the next step, with a long message about buckets
+            raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
+        if self.tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses).mean()
+
+    def after_step(self, i, stage, loss, lr):
+        """What follows an optimizer step: every log_interval steps a progress line and a check for a
+        non-finite loss (before any save), every eval_interval an evaluation and a checkpoint, and on
+        Ctrl-C or SIGTERM a checkpoint and the stop."""
+        tc = self.tc
+        self.losses.append(loss)
+        if self.clock is None:  # the clock starts after the stage's first step here, which compiles
+            synchronize(self.device)
+            self.clock = (time.time(), self.tokens_seen)
+        last = self.step == stage.steps
+        at_eval = self.step % tc.eval_interval == 0 or last
+        at_log = self.step % tc.log_interval == 0 or at_eval
+        # reading a loss waits for the GPU, so one process checks only when it logs or stops; DDP
+        # processes check every step, so that all stop within a step of a Ctrl-C (torchrun kills them
+        # about 30 s after passing one on)
+        if not (at_log or self.stop or self.ddp):
+            return
+        n_bad = (~torch.isfinite(torch.stack(self.losses))).sum().float()
+        flags = torch.stack([n_bad, torch.tensor(float(self.stop), device=self.device)])
+        if self.ddp:  # every process learns of a bad loss or a Ctrl-C anywhere
+            torch.distributed.all_reduce(flags)
+        if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
+            raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
+        stop = bool(flags[1] > 0)  # what every process agreed on; a later Ctrl-C counts at the next check
+        step_loss = self.losses[-1]
+        self.losses = []
+        if not (at_log or stop):
+            return
+        synchronize(self.device)  # time the work, not its launch
+        seconds = time.time() - self.clock[0]
+        tokens = self.tokens_seen - self.clock[1]
+        self.train_time[i] += seconds
+        self.timed_tokens[i] += tokens
+        tok_s = tokens / max(seconds, 1e-9)
+        eta = f"{seconds_left(self.stages, i, self.step, tok_s) / 60:.1f} min" if tokens else "-"
+        self.log(
+            f"{stage.name} K={stage.K} step {self.step}/{stage.steps} | tokens {self.tokens_seen:,} | loss "
+            f"{step_loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
+        )
+        if stop:
+            self.save()  # before any evaluation: torchrun's kill does not wait for one
+            if self.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
+                torch.distributed.barrier()
+            raise KeyboardInterrupt
+        if at_eval:
+            self.evaluate(stage)
+            if not last:  # the last step's save is the switch's
+                self.save()
+        self.clock = (time.time(), self.tokens_seen)  # the next window starts after evaluation and save
+
+
+def train_stages(run):
+    """The method as code: the stages in order, each with its optimizer and its loop over the steps.
+    Starts at run.stage_idx and run.step, so a resumed run goes on exactly where it was saved."""
+    tc = run.tc
+    for i, stage in enumerate(run.stages):
+        if i < run.stage_idx:
+            continue  # finished before a resume
+        # the switch: the paper starts stage 2 with a fresh AdamW, warmup and cosine (restart);
+        # global and wsd keep one AdamW, with its moments, and one schedule across both stages
+        restart = tc.schedule == "restart"
+        if run.optimizer is None or (restart and run.step == 0):
+            run.optimizer = run.raw_model.configure_optimizer(tc, run.device_type)
+        first_step = 0 if restart else sum(s.steps for s in run.stages[:i])
+        schedule_steps = stage.steps if restart else sum(s.steps for s in run.stages)
+        if run.step == 0:
+            run.evaluate(stage)  # after the switch too: the first point of the stage-2 curve
+        run.clock = None  # timing starts after this stage's first step: with --compile it compiles
+        while run.step < stage.steps:
+            lr = get_lr(first_step + run.step, schedule_steps, tc)
+            loss = run.train_step(stage, lr)  # micro-steps, clip, AdamW
+            run.step += 1
+            run.tokens_seen += stage.tokens_per_step
+            run.after_step(i, stage, loss, lr)  # progress, evaluation, checkpoint, stop
+        run.stage_idx = i + 1
+        run.step = 0
+        run.save()  # at the switch and at the end
+
+
+def train(mc, tc, log=print):
+    """One run, new or resumed (tc.resume): the patch stage, then the token stage, or the baseline
+    alone. Returns its summary, also written to out_dir/summary.json (None on DDP's other processes)."""
+    tc = resolve_dtype(tc)
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not (tc.resume or tc.overwrite):
+        raise UserError(f"{tc.out_dir} holds a run: --resume continues it, --overwrite starts over")
+    ckpt = load_checkpoint(ckpt_path) if tc.resume else None
+    run = Run(mc, tc, log)
+    if ckpt:
+        run.load(ckpt)
+    if run.master:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        for name in os.listdir(tc.out_dir):  # a kill mid-write leaves a temp file; --overwrite, an old run
+            if re.fullmatch(r".+\.tmp\d+", name) or (not ckpt and name in ("ckpt.pt", "summary.json")):
+                os.remove(os.path.join(tc.out_dir, name))
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
+    where = f"{run.device} x {run.world}" if run.ddp else run.device
+    cost = f"compute vs token-level training: {plan_cost(run.stages):.3f}"
+    run.log(f"model: {n_params / 1e6:.2f}M parameters | {where} | {tc.dtype} | {cost}")
+    for s in run.stages:  # a patch stage's sequences are K times longer: K x block_size tokens
+        shape = f"{s.grad_accum} x {s.micro_batch} sequences of {s.K * mc.block_size} tokens"
+        run.log(f"plan: {s.name} stage K={s.K}: {s.steps} steps of {shape}")
+    if ckpt:
+        run.log(f"resumed from {ckpt_path}: stage {run.stage_idx + 1}, step {run.step}")
+    try:
+        with ctrl_c_saves(run):
+            train_stages(run)
+    except KeyboardInterrupt:
+        if os.path.exists(ckpt_path):
+            raise KeyboardInterrupt(f"{ckpt_path} continues with --resume") from None
+        raise KeyboardInterrupt("before the first checkpoint, so there is nothing to resume") from None
+    if not run.master:
+        return None  # only rank 0 writes the summary
+    tokens = [s.steps * s.tokens_per_step for s in run.stages]
+    # speeds from the timed steps (a stage's first step in each process is not timed: it compiles)
+    tok_s = [n / t if n else math.nan for n, t in zip(run.timed_tokens, run.train_time)]
+    summary = {
+        "k": tc.k,
+        "lam": tc.lam,
+        "stages": [s.name for s in run.stages],
+        "tokens": tokens,
+        "time": run.train_time,
+        "tok_s": tok_s,
+        "compute_cost": plan_cost(run.stages),
+        # wall time against a token-level run of the same tokens at this run's own token-stage speed
+        "measured_cost": sum(n / v for n, v in zip(tokens, tok_s)) / (sum(tokens) / tok_s[-1]),
+        "val_loss": run.history[-1]["val_loss"],
+        "history": run.history,
+        "identity": identity(mc, tc),
+    }
+    atomic_write(os.path.join(tc.out_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+    run.log(
+        f"cost vs token-level training of the same tokens: compute {summary['compute_cost']:.3f}, "
+        f"measured wall time {summary['measured_cost']:.3f}"
+    )
+    run.log(f"final token-level val loss {summary['val_loss']:.4f}, ppl {math.exp(summary['val_loss']):.1f}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# infrastructure: devices, precision, signals and files; none of it is the method
+
+# Same command, same numbers on a CPU. Intel MKL computes the matmuls and, in AdamW's step, the square
+# root (vmsSqrt); unless told otherwise it may pick its code path and its thread count call by call at
+# run time, the likely source of the rare last-digit differences seen between runs on a busy machine.
+# CBWR=AUTO fixes the code path for this CPU (MKL reads it at its first call: no tensor math happens
+# before this line runs at import); set_num_threads turns MKL's dynamic thread count off.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+torch.set_num_threads(torch.get_num_threads())
+
+
+def pick_device(name):
+    mps = torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
+    if not m or int(m[2] or 0) >= {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(mps)}[m[1]]:
+        raise UserError(f"--device {name}: no such device here (try auto, cpu, cuda, cuda:1 or mps)")
+    return name
+
+
+def resolve_dtype(tc):
+    """dtype auto becomes what it means here before it is saved: a resume on another device must say so.
+    bf16 only on GPUs that compute it natively (compute capability 8.0 on, Ampere): a T4 or V100
+    emulates it, slower than float32."""
+    if tc.dtype != "auto":
+        return tc
+    device = pick_device(tc.device)
+    native = device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0)
+    return replace(tc, dtype="bfloat16" if native else "float32")
+
+
+def autocast(device_type, dtype):
+    """bf16 autocast (on mps: macOS 14 on); float32 runs with no autocast at all, since even a disabled
+    one raises on mps with torch 2.3-2.4 and warns with some later torch and macOS versions."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type, torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a clock times the work and not its launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)  # this GPU, not GPU 0
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def ctrl_c_saves(run):
+    """Ctrl-C or SIGTERM (kill, timeout, a job scheduler, torchrun passing one on) sets run.stop: the run
+    saves at the end of the step and stops. A second Ctrl-C stops a single process at once."""
+
+    def on_signal(signum, frame):
+        if run.stop and not run.ddp:
+            raise KeyboardInterrupt
+        run.stop = True
+        run.log(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step")
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+
+
+def keep_freed_memory():
+    """1.4x-1.8x faster steps on 2 CPU cores (bench.py): glibc gives blocks over 32 MB (the logits:
+    200 MB) back to the OS when they are freed, and maps them anew; these settings keep them."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap for large blocks
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
 
 
 def atomic_write(path, data):
@@ -372,277 +733,6 @@ def load_checkpoint(path, missing="to resume from; run without --resume to start
 def identity(mc, tc):
     """What a resumed run must share with its checkpoint: every setting but those in RESUMABLE."""
     return {k: v for k, v in {**asdict(mc), **asdict(tc)}.items() if k not in RESUMABLE}
-
-
-def pick_device(name):
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
-    if not m or int(m[2] or 0) >= {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(mps)}[m[1]]:
-        raise UserError(f"--device {name}: no such device here (try auto, cpu, cuda, cuda:1 or mps)")
-    return name
-
-
-def resolve_dtype(tc):
-    """dtype auto becomes what it means here before it is saved: a resume on another device must say so."""
-    if tc.dtype != "auto":
-        return tc
-    return replace(tc, dtype="bfloat16" if pick_device(tc.device).startswith("cuda") else "float32")
-
-
-class Run:
-    """What a run trains with (device, data, model, optimizer, batch generator) and how far it has got
-    (stage_idx, step, tokens_seen, history, train_time): together, all that a checkpoint holds."""
-
-    def __init__(self, mc, tc, log=print):
-        self.mc = mc
-        self.tc = tc
-        self.world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-        self.rank = int(os.environ.get("RANK", 0))
-        self.ddp = self.world > 1
-        self.master = self.rank == 0  # the process that evaluates, logs and saves
-        self.log = log if self.master else lambda *a: None
-        self.device = pick_device(tc.device)
-        if self.ddp and self.device.startswith("cuda"):  # one process per GPU
-            self.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(self.device)
-        if self.ddp and not torch.distributed.is_initialized():  # gloo: several processes on the CPU
-            torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
-        self.device_type = self.device.split(":")[0]
-        self.ctx = torch.autocast(self.device_type, torch.bfloat16, enabled=tc.dtype == "bfloat16")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        self.stages = plan_stages(tc, mc.block_size, self.world)
-        need = (mc.block_size + 1) * tc.k  # tokens in one sequence and its target
-        self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), need)
-        self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), need)
-        # fixed evaluation windows, from their own generator so that evaluating never shifts training
-        eval_rng = np.random.default_rng(tc.seed + 1)
-        n_eval = tc.eval_iters * tc.micro_batch
-        self.eval_starts = batch_starts(eval_rng, len(self.val_data), 1, mc.block_size, n_eval)
-        torch.manual_seed(tc.seed)
-        self.raw_model = GPT(mc).to(self.device)
-        self.model = self.raw_model  # what trains: compiled and/or wrapped for DDP
-        if tc.compile:  # static shapes: one graph per stage (K*T tokens, then T)
-            self.model = torch.compile(self.model, dynamic=False)
-        if self.ddp:
-            ids = [self.device] if self.device_type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = None  # made when a stage starts (train_stages)
-        self.rng = np.random.default_rng(tc.seed)  # the training batches
-        self.stage_idx = 0
-        self.step = 0  # optimizer steps done in the current stage
-        self.tokens_seen = 0
-        self.history = []  # the evaluations
-        self.train_time = [0.0] * len(self.stages)  # seconds per stage
-        self.stop = False  # set by Ctrl-C or SIGTERM: save at the end of the step, then stop
-
-    def save(self):
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "model_config": asdict(self.mc),
-            "train_config": asdict(self.tc),
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": self.rng.bit_generator.state,
-            "stage_idx": self.stage_idx,
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "history": self.history,
-            "train_time": self.train_time,
-        }
-        buf = io.BytesIO()  # serialized in memory first, so that a full disk is a plain OSError
-        torch.save(ckpt, buf)
-        atomic_write(os.path.join(self.tc.out_dir, "ckpt.pt"), buf.getvalue())
-
-    def load(self, ckpt):
-        saved = {**ckpt["model_config"], **ckpt["train_config"]}
-        for key, new in identity(self.mc, self.tc).items():
-            if saved.get(key) != new:
-                raise UserError(f"the checkpoint was made with --{key} {saved.get(key)}, not {new}")
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer = self.raw_model.configure_optimizer(self.tc, self.device_type)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.rng.bit_generator.state = ckpt["rng"]
-        self.stage_idx = ckpt["stage_idx"]
-        self.step = ckpt["step"]
-        self.tokens_seen = ckpt["tokens_seen"]
-        self.history = ckpt["history"]
-        self.train_time = ckpt["train_time"]
-
-    @torch.no_grad()
-    def evaluate(self, stage):
-        """Token-level val loss on the fixed windows, by the uncompiled model (eval shapes differ)."""
-        self.raw_model.eval()
-        total = 0.0
-        bs = self.tc.micro_batch
-        for i in range(0, len(self.eval_starts), bs):
-            x, y = get_batch(self.val_data, self.eval_starts[i : i + bs], 1, self.mc.block_size, self.device)
-            with self.ctx:  # weighted by rows: a short last batch counts for what it holds
-                total += self.raw_model(x, y)[1].float() * len(x)
-        self.raw_model.train()
-        loss = (total / len(self.eval_starts)).item()
-        self.history.append(dict(stage=stage.name, step=self.step, tokens=self.tokens_seen, val_loss=loss))
-        self.log(f"eval {stage.name} step {self.step}: val loss {loss:.4f} (ppl {math.exp(loss):.1f})")
-
-    def train_step(self, stage, lr):
-        """One optimizer step: the gradient of grad_accum micro-batches, clipped, then AdamW.
-        Returns the mean loss of the micro-batches, not yet read (reading it would wait for the GPU)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        n = stage.micro_batch
-        losses = []
-        for micro in range(stage.grad_accum):
-            # every process draws the same starts and takes its own slice: one RNG state to save,
-            # and N processes see exactly the batches one process would see with N times the rows
-            starts = batch_starts(self.rng, len(self.train_data), stage.K, self.mc.block_size, n * self.world)
-            mine = starts[self.rank * n : (self.rank + 1) * n]
-            x, y = get_batch(self.train_data, mine, stage.K, self.mc.block_size, self.device)
-            if self.ddp:  # average gradients across processes on the last micro-step only
-                self.model.require_backward_grad_sync = micro == stage.grad_accum - 1
-            with self.ctx:
-                _, loss = self.model(x, y, patch_size=stage.K)
-            (loss / stage.grad_accum).backward()
-            losses.append(loss.detach())  # all of them: a bad loss in any micro-batch spoils the step
-        if self.tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).mean()
-
-
-def train_stages(run):
-    """The method as code: the stages in order, each with its optimizer and its loop over the steps.
-    Starts at run.stage_idx and run.step, so a resumed run goes on exactly where it was saved."""
-    tc = run.tc
-    for i, stage in enumerate(run.stages):
-        if i < run.stage_idx:
-            continue  # finished before a resume
-        # the switch: the paper starts stage 2 with a fresh AdamW, warmup and cosine (restart);
-        # global and wsd keep one AdamW, with its moments, and one schedule across both stages
-        restart = tc.schedule == "restart"
-        if run.optimizer is None or (restart and run.step == 0):
-            run.optimizer = run.raw_model.configure_optimizer(tc, run.device_type)
-        # restart: each stage its own warmup and cosine; global and wsd: one schedule over all the steps
-        first_step = 0 if restart else sum(s.steps for s in run.stages[:i])
-        schedule_steps = stage.steps if restart else sum(s.steps for s in run.stages)
-        if run.step == 0 and run.master:
-            run.evaluate(stage)  # after the switch too: the first point of the stage-2 curve
-        t0, tokens0, losses = time.time(), run.tokens_seen, []
-        while run.step < stage.steps:
-            lr = get_lr(first_step + run.step, schedule_steps, tc)
-            losses.append(run.train_step(stage, lr))  # micro-steps, clip, AdamW
-            run.step += 1
-            run.tokens_seen += stage.tokens_per_step
-            last = run.step == stage.steps
-            at_eval = run.step % tc.eval_interval == 0 or last
-            # one process stops on Ctrl-C at once; DDP processes agree on it at the next progress line
-            report = run.step % tc.log_interval == 0 or at_eval or (run.stop and not run.ddp)
-            if not report:
-                continue
-            if run.device_type == "cuda":
-                torch.cuda.synchronize()  # time the work, not its launch
-            run.train_time[i] += time.time() - t0
-            tok_s = (run.tokens_seen - tokens0) / max(time.time() - t0, 1e-9)
-            eta = seconds_left(run.stages, i, run.step, tok_s)
-            run.log(
-                f"{stage.name} K={stage.K} step {run.step}/{stage.steps} | tokens {run.tokens_seen:,} | loss "
-                f"{losses[-1].item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta / 60:.1f} min"
-            )
-            # the losses are read here, not every step, so that the GPU is not synced every step; under
-            # DDP every process learns of a bad loss or a Ctrl-C anywhere, so that all stop at one step
-            n_bad = (~torch.isfinite(torch.stack(losses))).sum().float()
-            flags = torch.stack([n_bad, torch.tensor(float(run.stop), device=run.device)])
-            if run.ddp:
-                torch.distributed.all_reduce(flags)
-            if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
-                raise UserError(f"non-finite loss by {stage.name} step {run.step}; try a lower --lr")
-            # what every process agreed on; a Ctrl-C that lands after the all-reduce stops at the next line
-            stop = bool(flags[1] > 0)
-            if at_eval and run.master:
-                run.evaluate(stage)
-            if (stop or (at_eval and not last)) and run.master:  # the last step's save is the switch's
-                run.save()
-            if stop:
-                if run.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
-                    torch.distributed.barrier()
-                raise KeyboardInterrupt
-            t0, tokens0, losses = time.time(), run.tokens_seen, []  # the next progress line's window
-        run.stage_idx = i + 1
-        run.step = 0
-        if run.master:
-            run.save()  # at the switch and at the end
-
-
-def train(mc, tc, log=print):
-    """One run, new or resumed (tc.resume): the patch stage, then the token stage, or the baseline
-    alone. Returns its summary, also written to out_dir/summary.json (None on DDP's other processes)."""
-    tc = resolve_dtype(tc)
-    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not (tc.resume or tc.overwrite):
-        raise UserError(f"{tc.out_dir} holds a run: --resume continues it, --overwrite starts over")
-    ckpt = load_checkpoint(ckpt_path) if tc.resume else None
-    run = Run(mc, tc, log)
-    if ckpt:
-        run.load(ckpt)
-    if run.master:
-        os.makedirs(tc.out_dir, exist_ok=True)
-        for name in os.listdir(tc.out_dir):  # a kill mid-write leaves a temp file; --overwrite, an old run
-            if re.fullmatch(r".+\.tmp\d+", name) or (not ckpt and name in ("ckpt.pt", "summary.json")):
-                os.remove(os.path.join(tc.out_dir, name))
-    n_params = sum(p.numel() for p in run.raw_model.parameters())
-    where = f"{run.device} x {run.world}" if run.ddp else run.device
-    cost = f"cost vs token-level training: lam/K + 1 - lam = {cost_factor(tc.k, tc.lam):.3f}"
-    run.log(f"model: {n_params / 1e6:.2f}M parameters | {where} | {tc.dtype} | {cost}")
-    for s in run.stages:  # a patch stage's sequences are K times longer: K x block_size tokens
-        shape = f"{s.grad_accum} x {s.micro_batch} sequences of {s.K * mc.block_size} tokens"
-        run.log(f"plan: {s.name} stage K={s.K}: {s.steps} steps of {shape}")
-    if ckpt:
-        run.log(f"resumed from {ckpt_path}: stage {run.stage_idx + 1}, step {run.step}")
-
-    def on_signal(signum, frame):  # Ctrl-C, or SIGTERM from kill, timeout or a job scheduler
-        if run.stop and not run.ddp:
-            raise KeyboardInterrupt  # a second one stops at once
-        run.stop = True
-        run.log(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step")
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train_stages(run)
-    except KeyboardInterrupt:
-        if os.path.exists(ckpt_path):
-            raise KeyboardInterrupt(f"{ckpt_path} continues with --resume") from None
-        raise KeyboardInterrupt("before the first checkpoint, so there is nothing to resume") from None
-    finally:
-        for s, handler in old_handlers.items():
-            signal.signal(s, handler)
-    if not run.master:
-        return None  # the other processes of a DDP run have neither the evaluations nor a summary
-    tokens = [s.steps * s.tokens_per_step for s in run.stages]
-    tok_s = [n / max(t, 1e-9) for n, t in zip(tokens, run.train_time)]
-    summary = {
-        "k": tc.k,
-        "lam": tc.lam,
-        "stages": [s.name for s in run.stages],
-        "tokens": tokens,
-        "time": run.train_time,
-        "tok_s": tok_s,
-        "predicted_cost": cost_factor(tc.k, tc.lam),
-        "compute_cost": sum(n // s.K for n, s in zip(tokens, run.stages))
-        / sum(tokens),  # a patch: 1 position
-        # wall time against a token-level run of the same tokens at this run's own token-stage speed
-        "measured_cost": sum(run.train_time) / (sum(tokens) / tok_s[-1]),
-        "val_loss": run.history[-1]["val_loss"],
-        "history": run.history,
-        "identity": identity(mc, tc),
-    }
-    atomic_write(os.path.join(tc.out_dir, "summary.json"), json.dumps(summary, indent=1).encode())
-    costs = f"predicted {cost_factor(tc.k, tc.lam):.3f}, compute {summary['compute_cost']:.3f}, measured"
-    run.log(
-        f"cost vs token-level training of the same tokens: {costs} wall time {summary['measured_cost']:.3f}"
-    )
-    run.log(f"final token-level val loss {summary['val_loss']:.4f}, ppl {math.exp(summary['val_loss']):.1f}")
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,12 +798,7 @@ def main(argv=None, parser=None, action=None):
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # so that `| tee` and log files show progress at once
-    if sys.platform.startswith("linux"):
-        # 1.4x-1.8x faster steps on 2 CPU cores (bench.py): glibc gives blocks over 32 MB (the logits:
-        # 200 MB) back to the OS when they are freed, and maps them anew; these settings keep them
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap for large blocks
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
+    keep_freed_memory()
     try:
         if action:
             return action(args)

@@ -1,0 +1,212 @@
+"""The GPU-, Mac- and torchrun-shaped paths of patchgpt.py, run on a CPU (pytest): torch.compile, bf16
+autocast, the device choices that need no hardware to check, and DDP with two gloo processes as
+torchrun would start them. What needs a GPU itself is measured by bench_gpu.sh, not tested here."""
+
+import math
+import os
+import signal
+import socket
+import types
+from dataclasses import replace
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import bench
+import patchgpt as P
+from test_patchgpt import TINY, final_weights, quiet, tiny_train_config
+
+# ---------------------------------------------------------------------------------------------
+# --compile and --dtype bfloat16
+
+
+def test_compile_makes_one_graph_per_stage_and_trains_as_eager(data_dir, tmp_path, monkeypatch):
+    # aot_eager traces and compiles like the default inductor, without generating and building C code
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counter, **kw))
+    torch._dynamo.reset()
+    tc = tiny_train_config(data_dir, tmp_path / "compiled", compile=True, tokens=16 * 16 * 12)
+    compiled = P.train(TINY, tc, log=quiet)
+    assert counter.frame_count == 2  # the patch stage's shape, then the token stage's: no graph breaks
+    eager = P.train(TINY, replace(tc, compile=False, out_dir=str(tmp_path / "eager")), log=quiet)
+    for a, b in zip(compiled["history"], eager["history"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+
+
+def test_the_first_step_of_each_stage_is_left_out_of_its_time(data_dir, tmp_path, monkeypatch):
+    """With --compile a stage's first step compiles, for seconds to minutes on a GPU: counted in, it made
+    a tiny run's measured cost 2.5 against a compute of 0.75. Here a clock that steps takes 1 s, and
+    the first of each stage 100 s."""
+    clock = [0.0]
+    monkeypatch.setattr(P, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    train_step = P.Run.train_step
+
+    def compiles_first(run, stage, lr):
+        clock[0] += 100.0 if run.step == 0 else 1.0
+        return train_step(run, stage, lr)
+
+    monkeypatch.setattr(P.Run, "train_step", compiles_first)
+    summary = P.train(TINY, tiny_train_config(data_dir, tmp_path, tokens=16 * 16 * 12), log=quiet)
+    assert summary["time"] == [5.0, 5.0]  # 6 steps a stage, the first not timed
+    assert summary["tok_s"] == [256.0, 256.0] and summary["measured_cost"] == 1.0
+
+
+def test_bfloat16_on_cpu_gives_bf16_logits_a_float32_loss_and_trains(data_dir, tmp_path):
+    tc = tiny_train_config(data_dir, tmp_path, dtype="bfloat16", tokens=16 * 16 * 30)
+    run = P.Run(TINY, tc, log=quiet)
+    x, y = P.get_batch(run.train_data, [0, 500], 2, TINY.block_size, "cpu")
+    with run.ctx:
+        logits, loss = run.raw_model(x, y, patch_size=2)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    history = P.train(TINY, tc, log=quiet)["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# device choices, checked without the hardware
+
+
+def test_float32_uses_no_autocast_so_a_mac_with_older_torch_runs(monkeypatch):
+    def unsupported(device_type, *args, **kwargs):  # what torch 2.3 and 2.4 do for mps, even disabled
+        raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
+
+    monkeypatch.setattr(torch, "autocast", unsupported)
+    with P.autocast("mps", "float32"):
+        pass
+    with pytest.raises(RuntimeError, match="unsupported autocast"):
+        P.autocast("mps", "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "capability,dtype", [((7, 0), "float32"), ((7, 5), "float32"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]
+)
+def test_auto_dtype_is_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert P.resolve_dtype(P.TrainConfig(device="auto")).dtype == dtype  # V100 7.0, T4 7.5, A100 8.0
+    assert P.resolve_dtype(P.TrainConfig(device="cpu")).dtype == "float32"
+
+
+def test_adamw_is_fused_on_gpus_and_a_resume_takes_this_devices_kernel(data_dir, tmp_path):
+    model = P.GPT(TINY)
+    tc = P.TrainConfig()
+    fused = {d: model.configure_optimizer(tc, d).defaults["fused"] for d in ("cpu", "cuda", "mps")}
+    assert fused == {"cpu": False, "cuda": True, "mps": True}
+    # a checkpoint saved by a GPU's fused AdamW, resumed on the CPU: the CPU's kernel, and it trains on
+    tc = tiny_train_config(data_dir, tmp_path / "run", tokens=16 * 16 * 8, dtype="float32")
+    P.train(TINY, tc, log=quiet)
+    ckpt = P.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"] = True
+    run = P.Run(TINY, tc, log=quiet)
+    run.load(ckpt)
+    assert all(group["fused"] is False for group in run.optimizer.param_groups)
+    assert math.isfinite(run.train_step(run.stages[-1], tc.lr).item())
+
+
+def test_mfu_peaks_match_gpu_names_by_whole_words():
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.peak_flops("NVIDIA H100 NVL") == 835e12  # not the SXM's
+    assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench.peak_flops("NVIDIA L40") == 181e12  # not the L4's
+    assert bench.peak_flops("NVIDIA L4") == 121e12
+    assert bench.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench.peak_flops("NVIDIA GH200 480GB") is None  # unknown: no MFU rather than a wrong one
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: two processes with gloo, as torchrun would start them
+
+
+def ddp_checks(rank, world, port, data_dir, root):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    # no progress line or evaluation is due before the end of a stage: a stop must not wait for one
+    tc = tiny_train_config(
+        data_dir, "", micro_batch=4, tokens=16 * 16 * 12, log_interval=100, eval_interval=100
+    )
+    seen = {}
+    P.train(TINY, replace(tc, out_dir=f"{root}/whole"), log=quiet)
+    Run = P.Run
+
+    class Signalled(Run):  # torchrun passes a Ctrl-C on to every process; here rank 1 alone gets it
+        def train_step(self, stage, lr):
+            loss = super().train_step(stage, lr)
+            if self.rank == 1 and stage.name == "token" and self.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # during the token stage's second step
+            return loss
+
+    class Poisoned(Run):
+        def train_step(self, stage, lr):
+            loss = super().train_step(stage, lr)
+            return loss * math.nan if self.rank == 1 and self.step == 2 else loss  # step 3
+
+    P.Run = Signalled
+    try:
+        P.train(TINY, replace(tc, out_dir=f"{root}/stopped"), log=quiet)
+    except KeyboardInterrupt:
+        ckpt = P.load_checkpoint(f"{root}/stopped/ckpt.pt")
+        seen["stopped_at"] = (ckpt["stage_idx"], ckpt["step"])
+    P.Run = Run
+    P.train(TINY, replace(tc, out_dir=f"{root}/stopped", resume=True), log=quiet)
+    P.Run = Poisoned
+    try:
+        P.train(TINY, replace(tc, out_dir=f"{root}/nan"), log=quiet)
+    except P.UserError as e:
+        seen["nan"] = str(e)
+        seen["nan_files"] = sorted(os.listdir(f"{root}/nan")) if os.path.exists(f"{root}/nan") else []
+    P.Run = Run
+    run = Run(TINY, tc, log=quiet)  # the evaluation of the whole run's weights, shared by the processes
+    run.raw_model.load_state_dict(P.load_checkpoint(f"{root}/whole/ckpt.pt")["model"])
+    run.evaluate(run.stages[-1])
+    seen["val_loss"] = run.history[-1]["val_loss"]
+
+    class PatchOnly(P.GPT):  # a learner's change: a parameter used by the patch stage alone
+        def __init__(self, config):
+            super().__init__(config)
+            self.patch_gain = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, idx, targets=None, patch_size=1):
+            logits, loss = super().forward(idx, targets, patch_size)
+            return logits, loss * self.patch_gain if patch_size > 1 else loss
+
+    P.GPT = PatchOnly
+    try:
+        P.train(TINY, replace(tc, out_dir=f"{root}/unused"), log=quiet)
+    except P.UserError as e:
+        seen["unused"] = str(e)
+    torch.save(seen, f"{root}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes(data_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_checks, args=(2, port, str(data_dir), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    # a SIGTERM to one process: all stop after that step, saved without waiting for an evaluation,
+    # and the resumed run ends with the weights of the run that was never stopped
+    assert r0["stopped_at"] == r1["stopped_at"] == (1, 2)
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    # a bad loss in one process stops both at that step, before any save
+    assert r0["nan"] == r1["nan"] == "non-finite loss by patch step 3; try a lower --lr"
+    assert r0["nan_files"] == []
+    # each process evaluates half the windows; together they give the one-process value
+    tc = tiny_train_config(tmp_path.parent, "", micro_batch=4, tokens=16 * 16 * 12)
+    run = P.Run(TINY, replace(tc, data_dir=str(data_dir)), log=quiet)
+    run.raw_model.load_state_dict(whole)
+    run.evaluate(run.stages[-1])
+    assert r0["val_loss"] == r1["val_loss"] == pytest.approx(run.history[-1]["val_loss"], rel=1e-6)
+    # a parameter that gets no gradient in a stage: one line that names it, not DDP's traceback
+    assert r0["unused"] == r1["unused"] == "patch_gain gets no gradient in the token stage, which DDP forbids"
