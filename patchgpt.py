@@ -59,14 +59,8 @@ class TrainConfig:
     tokens: int = flag(500_000, "training tokens, both stages together (e.g. 2e9)")
     # as in the paper, a patch step reads as many tokens as a token step: 1/K the sequences, each K times
     # longer, so it costs 1/K the compute
-    tokens_per_step: int = flag(
-        2048, "tokens per optimizer step in both stages (patch stage: 1/K the sequences)"
-    )
-    micro_batch: int = flag(
-        8,
-        "most sequences per forward/backward pass and process; a step adds up the gradients of "
-        "as many passes as its sequences need",
-    )
+    tokens_per_step: int = flag(2048, "tokens per optimizer step in both stages (patch: 1/K the sequences)")
+    micro_batch: int = flag(8, "most sequences per forward/backward pass and process (more: accumulated)")
     lr: float = flag(1e-3, "peak learning rate")
     min_lr: float = flag(1e-4, "learning rate at the end of the schedule, <= lr")
     warmup_iters: int = flag(20, "linear warmup steps (per stage with --schedule restart)")
@@ -87,9 +81,7 @@ class TrainConfig:
     val_bin: str = flag("", "evaluate on this .bin instead of data_dir/val.bin (e.g. WikiText-103 test)")
     out_dir: str = flag("", "folder for ckpt.pt and summary.json (default: out/k{K}_lam{lam}, or out/k1)")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps")
-    dtype: str = flag(
-        "auto", "auto: bfloat16 on a GPU that has it natively, else float32", ["auto", "float32", "bfloat16"]
-    )
+    dtype: str = flag("auto", "auto: bf16 on a GPU that has it natively", ["auto", "float32", "bfloat16"])
     compile: bool = flag(False, "torch.compile the model (one graph per stage)")
     seed: int = flag(1337, "seed of the initial weights and of the batches")
     resume: bool = flag(False, "continue the run saved in out_dir")
@@ -441,9 +433,8 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, stage):
-        """Token-level val loss on the fixed windows, by the uncompiled model (eval shapes differ). Under
-        DDP each process scores every world-th batch and the sums are added up: no process waits in a
-        collective while another evaluates (NCCL's watchdog aborts long waits), and N are N times faster."""
+        """Token-level val loss on the fixed windows, by the uncompiled model (eval shapes differ). DDP
+        processes score every world-th batch each: none waits for another (NCCL's watchdog aborts waits)."""
         self.raw_model.eval()
         total = torch.zeros((), device=self.device)
         bs = self.tc.micro_batch
@@ -490,14 +481,13 @@ class Run:
         """What follows an optimizer step: every log_interval steps a progress line and a check for a
         non-finite loss (before any save), every eval_interval an evaluation and a checkpoint, and on
         Ctrl-C or SIGTERM a checkpoint and the stop."""
-        tc = self.tc
         self.losses.append(loss)
         if self.clock is None:  # the clock starts after the stage's first step here, which compiles
             synchronize(self.device)
             self.clock = (time.time(), self.tokens_seen)
         last = self.step == stage.steps
-        at_eval = self.step % tc.eval_interval == 0 or last
-        at_log = self.step % tc.log_interval == 0 or at_eval
+        at_eval = self.step % self.tc.eval_interval == 0 or last
+        at_log = self.step % self.tc.log_interval == 0 or at_eval
         # reading a loss waits for the GPU, so one process checks only when it logs or stops; DDP
         # processes check every step, so that all stop within a step of a Ctrl-C (torchrun kills them
         # about 30 s after passing one on)
@@ -510,8 +500,6 @@ class Run:
         if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
             raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
         stop = bool(flags[1] > 0)  # what every process agreed on; a later Ctrl-C counts at the next check
-        step_loss = self.losses[-1]
-        self.losses = []
         if not (at_log or stop):
             return
         synchronize(self.device)  # time the work, not its launch
@@ -523,8 +511,9 @@ class Run:
         eta = f"{seconds_left(self.stages, i, self.step, tok_s) / 60:.1f} min" if tokens else "-"
         self.log(
             f"{stage.name} K={stage.K} step {self.step}/{stage.steps} | tokens {self.tokens_seen:,} | loss "
-            f"{step_loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
+            f"{self.losses[-1].item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
         )
+        self.losses = []
         if stop:
             self.save()  # before any evaluation: torchrun's kill does not wait for one
             if self.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
@@ -649,8 +638,7 @@ def pick_device(name):
 
 def resolve_dtype(tc):
     """dtype auto becomes what it means here before it is saved: a resume on another device must say so.
-    bf16 only on GPUs that compute it natively (compute capability 8.0 on, Ampere): a T4 or V100
-    emulates it, slower than float32."""
+    bf16 only on GPUs that compute it natively (Ampere on): a T4 or V100 emulates it, slower than float32."""
     if tc.dtype != "auto":
         return tc
     device = pick_device(tc.device)
