@@ -121,7 +121,15 @@ def test_mfu_peaks_match_gpu_names_by_whole_words():
 # torchrun: two processes with gloo, as torchrun would start them
 
 
-def ddp_checks(rank, world, port, data_dir, root):
+def spawn_two(worker, *args):
+    """Run worker(rank, 2, port, *args) in two processes, as torchrun --nproc_per_node=2 would."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(2, port, *args), nprocs=2, join=True)
+
+
+def as_torchrun_process(rank, world, port):
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -130,6 +138,54 @@ def ddp_checks(rank, world, port, data_dir, root):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def ddp_worker(rank, world, port, data_dir, out_dir, result_dir):
+    as_torchrun_process(rank, world, port)
+    tc = tiny_train_config(data_dir, out_dir, micro_batch=4, tokens=16 * 16 * 12)
+    runs = []
+
+    class Recorded(P.Run):  # the real train(), with a handle on each process's run
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runs.append(self)
+
+    P.Run = Recorded
+    summary = P.train(TINY, tc, log=quiet)
+    run = runs[0]
+    torch.save(
+        {
+            "model": run.raw_model.state_dict(),
+            "tokens": run.tokens_seen,
+            "summary": summary,
+            "steps": [s.steps for s in run.stages],
+        },
+        os.path.join(result_dir, f"rank{rank}.pt"),
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
+    spawn_two(ddp_worker, str(data_dir), str(tmp_path / "ddp"), str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+    assert r0["summary"]["val_loss"] > 0 and r1["summary"] is None  # only rank 0 saves and sums up
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt.pt", "summary.json"]
+    # one process with the same tokens per step sees the same batches: same accounting, same weights
+    tc = tiny_train_config(data_dir, tmp_path / "single", micro_batch=4, tokens=16 * 16 * 12)
+    torch.set_num_threads(1)
+    summary = P.train(TINY, tc, log=quiet)
+    assert r0["summary"]["tokens"] == summary["tokens"] and r0["steps"] == [
+        s.steps for s in P.plan_stages(tc, 16)
+    ]
+    single = final_weights(tc.out_dir)
+    for key in single:
+        assert torch.allclose(single[key], r0["model"][key], atol=2e-4), key
+
+
+def ddp_checks(rank, world, port, data_dir, root):
+    as_torchrun_process(rank, world, port)
     # no progress line or evaluation is due before the end of a stage: a stop must not wait for one
     tc = tiny_train_config(
         data_dir, "", micro_batch=4, tokens=16 * 16 * 12, log_interval=100, eval_interval=100
@@ -189,10 +245,7 @@ def ddp_checks(rank, world, port, data_dir, root):
 
 
 def test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes(data_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(ddp_checks, args=(2, port, str(data_dir), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(ddp_checks, str(data_dir), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # a SIGTERM to one process: all stop after that step, saved without waiting for an evaluation,
     # and the resumed run ends with the weights of the run that was never stopped
