@@ -304,7 +304,8 @@ def plan_stages(tc, block_size, world_size=1):
 
 def plan_cost(stages):
     """Compute relative to token-level training on the same tokens: a patch position costs what a token
-    position costs, and holds K tokens. For the paper's two stages: lam/K + 1 - lam, to whole steps."""
+    position costs (a model that does more per patch, K heads say, costs more), and holds K tokens.
+    For the paper's two stages: lam/K + 1 - lam, to whole steps."""
     tokens = sum(s.steps * s.tokens_per_step for s in stages)
     return sum(s.steps * s.tokens_per_step / s.K for s in stages) / tokens
 
@@ -371,8 +372,8 @@ class Run:
         self.model = self.raw_model  # what trains: compiled and/or wrapped for DDP
         if tc.compile:  # static shapes: one graph per stage (K*T tokens, then T)
             self.model = torch.compile(self.model, dynamic=False)
-        if self.ddp:  # DDP needs a gradient for every parameter in every stage (find_unused_parameters
-            # is off, the fast default): train_step() stops a model that leaves one out, with its name
+        if self.ddp:  # DDP needs a gradient for every parameter in every stage, unless it is told to look
+            # for unused ones (find_unused_parameters=True: slower); train_step() names one that has none
             ids = [self.device] if self.device_type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = None  # made when a stage starts (train_stages)
@@ -469,7 +470,7 @@ class Run:
             (loss / stage.grad_accum).backward()
             losses.append(loss.detach())  # all of them: a bad loss in any micro-batch spoils the step
         unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
-        if self.ddp and unused:  # DDP would fail at the next step, with a long message about buckets
+        if self.ddp and unused and not self.model.find_unused_parameters:  # else a traceback next step
             raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)

@@ -227,8 +227,8 @@ def ddp_checks(rank, world, port, data_dir, root):
     seen["val_loss"] = run.history[-1]["val_loss"]
 
     class PatchOnly(P.GPT):  # a learner's change: a parameter used by the patch stage alone
-        def __init__(self, config):
-            super().__init__(config)
+        def __init__(self, *args):
+            super().__init__(*args)
             self.patch_gain = torch.nn.Parameter(torch.ones(()))
 
         def forward(self, idx, targets=None, patch_size=1):

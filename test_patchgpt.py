@@ -318,18 +318,22 @@ def test_every_run_of_a_seed_starts_from_the_same_weights(data_dir, tmp_path):
     A module made for one K or stage alone, or drawn before the GPT, shifts the seed's random stream."""
     base = tiny_train_config(data_dir, "", k=1, tokens=16 * 16 * 4)
     ref = P.Run(TINY, base, log=quiet).raw_model.state_dict()
-    for change in (dict(k=2), dict(k=4, lam=0.25), dict(k=2, schedule="wsd"), dict(k=2, schedule="global")):
+    for change in (
+        dict(k=2, lam=0.5),
+        dict(k=4, lam=0.25),
+        dict(k=2, lam=0.5, schedule="wsd"),
+        dict(k=2, lam=0.5, schedule="global"),
+    ):
         start = P.Run(TINY, replace(base, **change), log=quiet).raw_model.state_dict()
         assert all(torch.equal(start[key], ref[key]) for key in ref), change
     untied = P.Run(replace(TINY, untied=True), base, log=quiet).raw_model.state_dict()
     assert all(torch.equal(untied[key], ref[key]) for key in ref if key != "transformer.wte.weight")
     first = [  # what a user sees of it: the same val loss at step 0
-        P.train(TINY, replace(base, k=k, out_dir=str(tmp_path / f"k{k}")), log=quiet)["history"][0][
-            "val_loss"
-        ]
+        P.train(TINY, replace(base, k=k, lam=0.5, out_dir=str(tmp_path / f"k{k}")), log=quiet)["history"][0]
         for k in (1, 2, 4)
     ]
-    assert first[0] == first[1] == first[2]
+    assert [h["stage"] for h in first] == ["token", "patch", "patch"]
+    assert first[0]["val_loss"] == first[1]["val_loss"] == first[2]["val_loss"]
 
 
 def test_a_checkpoint_from_before_a_new_flag_resumes_while_the_flag_keeps_its_default(data_dir, tmp_path):
@@ -383,9 +387,7 @@ def test_sampling_never_draws_a_padding_id():
 def test_divergence_stops_before_any_save(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_loss = P.next_patch_loss
-    monkeypatch.setattr(
-        P, "next_patch_loss", lambda logits, targets, K: real_loss(logits, targets, K) * np.nan
-    )
+    monkeypatch.setattr(P, "next_patch_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * np.nan)
     with pytest.raises(P.UserError, match="non-finite loss by patch step 1;"):
         P.train(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 10), log=quiet)
     assert os.listdir(out) == []
