@@ -50,7 +50,8 @@ done
 $PY - "$RUNS" <<'EOF' | tee "$OUT/whole_run.txt"
 import json, sys
 k1, k4 = (json.load(open(f"{sys.argv[1]}/{n}/summary.json")) for n in ("k1", "k4"))
-t1, t4 = sum(k1["time"]), sum(k4["time"])
+# each stage's time at its measured speed (its first, compiling step is not timed)
+t1, t4 = (sum(n / v for n, v in zip(k["tokens"], k["tok_s"])) for k in (k1, k4))
 # (no losses here: this many tokens are dozens of passes over Tiny Shakespeare, so they would measure
 # overfitting; the runs are for time)
 print(f"training time: token level {t1:.1f}s, --k 4 --lam 0.67 {t4:.1f}s -> ratio {t4 / t1:.3f} "

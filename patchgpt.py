@@ -311,7 +311,7 @@ def plan_cost(stages):
 
 
 def seconds_left(stages, i, step, tok_s):
-    """At stage i's speed: a patch position costs what a token position costs, so count positions."""
+    """At stage i's speed, counting positions as plan_cost() does (a patch position costs a token's)."""
     positions = sum(s.steps * s.tokens_per_step / s.K for s in stages[i:])
     done = step * stages[i].tokens_per_step / stages[i].K
     return (positions - done) / (tok_s / stages[i].K)
@@ -351,6 +351,7 @@ class Run:
         self.device = pick_device(tc.device)
         if self.ddp and self.device.startswith("cuda"):  # one process per GPU
             self.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        if self.device.startswith("cuda"):  # this GPU, not GPU 0, for whatever uses the current device
             torch.cuda.set_device(self.device)
         if self.ddp and not torch.distributed.is_initialized():  # gloo: several processes on the CPU
             torch.distributed.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
@@ -387,6 +388,7 @@ class Run:
         self.clock = None  # (time, tokens_seen) at the start of the current progress line's window
         self.losses = []  # the steps' losses since they were last checked
         self.stop = False  # set by Ctrl-C or SIGTERM: save at the end of the step, then stop
+        self.eval_due = False  # a stop came at an evaluation step: the resumed run evaluates first
 
     def save(self):
         if not self.master:
@@ -404,6 +406,7 @@ class Run:
             "history": self.history,
             "train_time": self.train_time,
             "timed_tokens": self.timed_tokens,
+            "eval_due": self.eval_due,
         }
         buf = io.BytesIO()  # serialized in memory first, so that a full disk is a plain OSError
         torch.save(ckpt, buf)
@@ -429,8 +432,10 @@ class Run:
         self.step = ckpt["step"]
         self.tokens_seen = ckpt["tokens_seen"]
         self.history = ckpt["history"]
-        self.train_time = ckpt["train_time"]
-        self.timed_tokens = ckpt.get("timed_tokens", [0] * len(self.stages))  # older ones: speed unknown
+        if "timed_tokens" in ckpt:  # older checkpoints timed first steps too: their speeds start over
+            self.train_time = ckpt["train_time"]
+            self.timed_tokens = ckpt["timed_tokens"]
+        self.eval_due = ckpt.get("eval_due", False)
 
     @torch.no_grad()
     def evaluate(self, stage):
@@ -448,6 +453,7 @@ class Run:
         self.raw_model.train()
         loss = (total / len(self.eval_starts)).item()
         self.history.append(dict(stage=stage.name, step=self.step, tokens=self.tokens_seen, val_loss=loss))
+        self.eval_due = False
         self.log(f"eval {stage.name} step {self.step}: val loss {loss:.4f} (ppl {math.exp(loss):.1f})")
 
     def train_step(self, stage, lr):
@@ -501,7 +507,7 @@ class Run:
         if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
             raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
         stop = bool(flags[1] > 0)  # what every process agreed on; a later Ctrl-C counts at the next check
-        if not (at_log or stop):
+        if not (at_log or stop):  # a DDP process that only checked this step
             return
         synchronize(self.device)  # time the work, not its launch
         seconds = time.time() - self.clock[0]
@@ -516,7 +522,8 @@ class Run:
         )
         self.losses = []
         if stop:
-            self.save()  # before any evaluation: torchrun's kill does not wait for one
+            self.eval_due = at_eval  # not now: torchrun's kill does not wait for an evaluation
+            self.save()
             if self.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
                 torch.distributed.barrier()
             raise KeyboardInterrupt
@@ -541,8 +548,8 @@ def train_stages(run):
             run.optimizer = run.raw_model.configure_optimizer(tc, run.device_type)
         first_step = 0 if restart else sum(s.steps for s in run.stages[:i])
         schedule_steps = stage.steps if restart else sum(s.steps for s in run.stages)
-        if run.step == 0:
-            run.evaluate(stage)  # after the switch too: the first point of the stage-2 curve
+        if run.step == 0 or run.eval_due:  # after the switch too: the first point of the stage-2 curve
+            run.evaluate(stage)
         run.clock = None  # timing starts after this stage's first step: with --compile it compiles
         while run.step < stage.steps:
             lr = get_lr(first_step + run.step, schedule_steps, tc)
@@ -590,7 +597,8 @@ def train(mc, tc, log=print):
     if not run.master:
         return None  # only rank 0 writes the summary
     tokens = [s.steps * s.tokens_per_step for s in run.stages]
-    # speeds from the timed steps (a stage's first step in each process is not timed: it compiles)
+    # speeds from the timed steps (a stage's first step in each process is not: it compiles); NaN, also
+    # in summary.json, for a stage that ran a single step here
     tok_s = [n / t if n else math.nan for n, t in zip(run.timed_tokens, run.train_time)]
     summary = {
         "k": tc.k,

@@ -356,9 +356,13 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(data_dir, tmp_path
     out = tmp_path / "run"
     P.main(tiny_cli(data_dir, out, "--tokens", "1024")[2:])
     ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
-    for key, tensor in (("patch_proj.weight", torch.zeros(32, 64)), ("lm_head.weight", torch.zeros(3, 3))):
-        changed = dict(ckpt, model={**ckpt["model"], key: tensor})  # what a changed model saved
-        torch.save(changed, out / "ckpt.pt")
+    model = ckpt["model"]
+    for key, weights in (  # saved by a model with an extra module, without one, with another shape
+        ("patch_proj.weight", {**model, "patch_proj.weight": torch.zeros(32, 64)}),
+        ("transformer.ln_f.bias", {k: v for k, v in model.items() if k != "transformer.ln_f.bias"}),
+        ("lm_head.weight", {**model, "lm_head.weight": torch.zeros(3, 3)}),
+    ):
+        torch.save(dict(ckpt, model=weights), out / "ckpt.pt")
         result = refused(capsys, tiny_cli(data_dir, out, "--tokens", "1024", "--resume"))
         assert_refused(result, "the checkpoint does not fit this model", key)
 
