@@ -485,9 +485,8 @@ class Run:
         return torch.stack(losses).mean()
 
     def after_step(self, i, stage, loss, lr):
-        """What follows an optimizer step: every log_interval steps a progress line and a check for a
-        non-finite loss (before any save), every eval_interval an evaluation and a checkpoint, and on
-        Ctrl-C or SIGTERM a checkpoint and the stop."""
+        """After an optimizer step: a progress line and a check for a non-finite loss every log_interval
+        steps, an evaluation and a checkpoint every eval_interval, a checkpoint and a stop on Ctrl-C."""
         self.losses.append(loss)
         if self.clock is None:  # the clock starts after the stage's first step here, which compiles
             synchronize(self.device)
@@ -495,9 +494,8 @@ class Run:
         last = self.step == stage.steps
         at_eval = self.step % self.tc.eval_interval == 0 or last
         at_log = self.step % self.tc.log_interval == 0 or at_eval
-        # reading a loss waits for the GPU, so one process checks only when it logs or stops; DDP
-        # processes check every step, so that all stop within a step of a Ctrl-C (torchrun kills them
-        # about 30 s after passing one on)
+        # reading a loss waits for the GPU: one process checks when it logs or stops; DDP processes every
+        # step, so that all stop within a step of a Ctrl-C (torchrun kills them ~30 s after passing it on)
         if not (at_log or self.stop or self.ddp):
             return
         n_bad = (~torch.isfinite(torch.stack(self.losses))).sum().float()
@@ -615,10 +613,8 @@ def train(mc, tc, log=print):
         "identity": identity(mc, tc),
     }
     atomic_write(os.path.join(tc.out_dir, "summary.json"), json.dumps(summary, indent=1).encode())
-    run.log(
-        f"cost vs token-level training of the same tokens: compute {summary['compute_cost']:.3f}, "
-        f"measured wall time {summary['measured_cost']:.3f}"
-    )
+    cost = f"compute {summary['compute_cost']:.3f}, measured wall time {summary['measured_cost']:.3f}"
+    run.log(f"cost vs token-level training of the same tokens: {cost}")
     run.log(f"final token-level val loss {summary['val_loss']:.4f}, ppl {math.exp(summary['val_loss']):.1f}")
     return summary
 
