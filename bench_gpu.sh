@@ -5,9 +5,11 @@
 #      and peak memory of the token stage (K=1) and the patch stage (K=4), and the whole-run ratio
 #      those speeds imply;
 #   2. two real runs of the same tokens, token level and --k 4 --lam 0.67, eager (compile time would
-#      swamp runs this short), and the ratio of their training times from their summary.json files.
+#      swamp runs this short), and the ratio of their training times from their summary.json files;
+#   3. the device's Ctrl-C path: a small run stopped by SIGTERM in its token stage and resumed, against
+#      the same run never stopped (pinned copies, autocast, the fused AdamW of a resumed optimizer).
 # Needs data/tinyshakespeare (python prepare_data.py). The printed results go to $OUT (out/gpu_check),
-# six small files; the runs' checkpoints (about 1.5 GB each at this shape: the weights and AdamW's two
+# seven small files; the runs' checkpoints (about 1.5 GB each at this shape: the weights and AdamW's two
 # moments, float32) to $RUNS (out/gpu_check_runs).
 # A dry run on CPU, to check the script itself:
 #   DEVICE=cpu COMPILE= SHAPE="--n_layer 2 --n_head 2 --n_embd 64 --block_size 64" TOKENS=2e5 bash bench_gpu.sh
@@ -57,3 +59,14 @@ t1, t4 = (sum(n / v for n, v in zip(k["tokens"], k["tok_s"])) for k in (k1, k4))
 print(f"training time: token level {t1:.1f}s, --k 4 --lam 0.67 {t4:.1f}s -> ratio {t4 / t1:.3f} "
       f"(its compute {k4['compute_cost']:.3f})")
 EOF
+
+echo "== 3. SIGTERM in the token stage, then --resume, against the same run never stopped"
+SMALL=${SMALL:---n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --tokens 2e5 --tokens_per_step 2048}
+SMALL="--k 4 --lam 0.67 --data_dir $DATA --device $DEVICE $SMALL --eval_interval 1000 --log_interval 5"
+$PY patchgpt.py $SMALL --out_dir "$RUNS/whole" --overwrite | tail -1 | tee "$OUT/resume.txt"
+$PY patchgpt.py $SMALL --out_dir "$RUNS/stopped" --overwrite >"$RUNS/stopped.log" 2>&1 &
+pid=$!
+while kill -0 $pid 2>/dev/null && ! grep -q "token K=1 step 5/" "$RUNS/stopped.log"; do sleep 0.1; done
+kill -TERM $pid 2>/dev/null || true
+wait $pid || true  # exit code 130 when the signal came in time
+$PY patchgpt.py $SMALL --out_dir "$RUNS/stopped" --resume | grep -E "^resumed|^final" | tee -a "$OUT/resume.txt"

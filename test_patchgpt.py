@@ -844,6 +844,7 @@ def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
         RUNS=str(tmp_path / "runs"),
         SHAPE="--n_layer 1 --n_head 2 --n_embd 32 --block_size 16",
         BATCH="--tokens_per_step 256 --micro_batch 8",
+        SMALL="--n_layer 1 --n_head 2 --n_embd 32 --block_size 16 --tokens 4096 --tokens_per_step 128",
     )
     proc = run_cli(["bash", os.path.join(HERE, "bench_gpu.sh")], env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -853,11 +854,15 @@ def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
         "env.txt",
         "k1.txt",
         "k4.txt",
+        "resume.txt",
         "whole_run.txt",
     ]
     bench_rows = json.load(open(tmp_path / "out" / "bench.json"))["rows"]
     assert [r["K"] for r in bench_rows] == [1, 4]
     assert "-> ratio" in (tmp_path / "out" / "whole_run.txt").read_text()
+    whole, resumed, resumed_final = (tmp_path / "out" / "resume.txt").read_text().splitlines()
+    assert resumed.startswith("resumed from") and "stage 2" in resumed
+    assert resumed_final == whole and whole.startswith("final token-level val loss")  # a CPU: bit for bit
 
 
 def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
