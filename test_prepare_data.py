@@ -380,7 +380,10 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_earlier_outputs(tmp_path):
     write(tmp_path / "big.txt", TEXT * 50_000)  # 8 MB: seconds of work on one thread
     earlier_outputs(tmp_path / "out")
     args = ["--input", tmp_path / "big.txt", "--out_dir", tmp_path / "out", "--force", "--workers", "1"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], stderr=subprocess.PIPE, text=True)
+    # a shell starts a background job with Ctrl-C ignored, which the child would inherit: restore it
+    default_ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    cmd = [sys.executable, SCRIPT, *map(str, args)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
     deadline = time.time() + 60
     while (
         not (tmp_path / "out" / "train.bin.tmp").exists() and proc.poll() is None and time.time() < deadline
