@@ -130,7 +130,7 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     run = P.Run(mc, tc, log=lambda *a: None)  # the stages of a real run with these flags
     per_pos = flops_per_position(mc)
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
-    peak = peak_flops(name) if run.device_type == "cuda" else None
+    peak = peak_flops(name)  # None for cpu and mps, as for any device not in the table
     rows = []
     for stage in sorted(run.stages, key=lambda s: s.K):  # token stage first, as a reference
         secs, mem = time_stage(run, stage, warmup_steps, timed_steps)

@@ -66,10 +66,10 @@ def family(schedule):
     return "wsd" if schedule == "wsd" else "restart"
 
 
-def cost(tc, block_size):
-    """The compute of tc's stage plan (P.plan_cost) rounded as the equal-compute baselines' names and token
-    counts use it: a new layout of stages in patchgpt.py changes its baselines too."""
-    return round(P.plan_cost(P.plan_stages(tc, block_size)), 4)
+def cost(compute):
+    """A patch run's compute (P.plan_cost of its stage plan) rounded as the equal-compute baselines' names
+    and token counts use it: a new layout of stages in patchgpt.py changes its baselines too."""
+    return round(compute, 4)
 
 
 def plan_runs(tc, lists, block_size):
@@ -85,7 +85,8 @@ def plan_runs(tc, lists, block_size):
             for lam in lists["lam"]:
                 if K > 1 and lam > 0:
                     runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
-                    costs.append(cost(replace(tc, k=K, lam=lam, schedule=schedule), block_size))
+                    plan = P.plan_stages(replace(tc, k=K, lam=lam, schedule=schedule), block_size)
+                    costs.append(cost(P.plan_cost(plan)))
         runs += [
             (f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N)) for c in sorted(set(costs))
         ]
@@ -157,7 +158,7 @@ def baselines(r, results):
     """r's token-level baselines of its schedule family: on the same tokens, of equal compute, and the
     family's largest (what the compute and time columns are relative to)."""
     runs = [b for b in results if b["k"] == 1 and b["schedule"] == family(r["schedule"])]
-    cheap = round(round(r["summary"]["compute_cost"], 4) * r["tokens"])
+    cheap = round(cost(r["summary"]["compute_cost"]) * r["tokens"])
     return [next((b for b in runs if b["tokens"] == n), None) for n in (r["tokens"], cheap)] + [
         max(runs, key=lambda b: b["tokens"], default=None)
     ]

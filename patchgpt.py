@@ -302,19 +302,22 @@ def plan_stages(tc, block_size, world_size=1):
     return plan
 
 
+def positions(stages):
+    """The positions the model is trained on, the measure of compute: a patch position costs what a token
+    position costs (a model that does more per patch, K heads say, costs more), and holds K tokens."""
+    return sum(s.steps * s.tokens_per_step / s.K for s in stages)
+
+
 def plan_cost(stages):
-    """Compute relative to token-level training on the same tokens: a patch position costs what a token
-    position costs (a model that does more per patch, K heads say, costs more), and holds K tokens.
-    For the paper's two stages: lam/K + 1 - lam, to whole steps."""
-    tokens = sum(s.steps * s.tokens_per_step for s in stages)
-    return sum(s.steps * s.tokens_per_step / s.K for s in stages) / tokens
+    """Compute relative to token-level training on the same tokens. For the paper's two stages:
+    lam/K + 1 - lam, to whole steps."""
+    return positions(stages) / sum(s.steps * s.tokens_per_step for s in stages)
 
 
 def seconds_left(stages, i, step, tok_s):
-    """At stage i's speed, counting positions as plan_cost() does (a patch position costs a token's)."""
-    positions = sum(s.steps * s.tokens_per_step / s.K for s in stages[i:])
+    """At stage i's speed, in positions per second."""
     done = step * stages[i].tokens_per_step / stages[i].K
-    return (positions - done) / (tok_s / stages[i].K)
+    return (positions(stages[i:]) - done) / (tok_s / stages[i].K)
 
 
 def get_lr(step, total_steps, tc):
@@ -475,9 +478,10 @@ class Run:
                 _, loss = self.model(x, y, patch_size=stage.K)
             (loss / stage.grad_accum).backward()
             losses.append(loss.detach())  # all of them: a bad loss in any micro-batch spoils the step
-        unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
-        if self.ddp and unused and not self.model.find_unused_parameters:  # else a traceback next step
-            raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
+        if self.ddp and not self.model.find_unused_parameters:  # else DDP's traceback at the next step
+            unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
+            if unused:
+                raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
