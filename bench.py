@@ -53,7 +53,7 @@ def flops_per_position(config):
     scores and values (PaLM appendix B / nanoGPT). The patch average is a mean of K vectors:
     negligible, so a patch position costs what a token position costs."""
     c = config
-    n_matmul = 12 * c.n_layer * c.n_embd**2 + c.n_embd * P.VOCAB_SIZE
+    n_matmul = 12 * c.n_layer * c.n_embd**2 + c.n_embd * c.vocab_size
     return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
 
@@ -128,7 +128,7 @@ def time_stage(run, stage, warmup_steps, timed_steps):
 
 def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     run = P.Run(mc, tc, log=lambda *a: None)  # the stages of a real run with these flags
-    per_pos = flops_per_position(mc)
+    per_pos = flops_per_position(run.mc)  # with the data's vocabulary
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
     peak = peak_flops(name)  # None for cpu and mps, as for any device not in the table
     rows = []

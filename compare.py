@@ -95,6 +95,7 @@ def plan_runs(tc, lists, block_size):
 
 def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
     tc = P.resolve_dtype(tc)  # as train() saves it, so that finished runs are recognized
+    mc = P.fit_vocab(mc, P.read_vocab(tc.data_dir))  # likewise: the data's vocabulary, as Run sets it
     runs, results = plan_runs(tc, lists, mc.block_size), []
     configs = [
         (name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))

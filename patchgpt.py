@@ -50,6 +50,8 @@ class GPTConfig:
     n_head: int = flag(4, "attention heads per block")
     n_embd: int = flag(128, "embedding width, a multiple of n_head")
     untied: bool = flag(False, "separate input and output embedding matrices (default: tied, as in GPT-2)")
+    # not a flag: the data decides it (fit_vocab); a checkpoint from before it existed was GPT-2's
+    vocab_size: int = field(default=50304, metadata={"help": None})
 
 
 @dataclass
@@ -136,7 +138,7 @@ def validate(mc, tc):
 # ---------------------------------------------------------------------------------------------
 # model: a nanoGPT-class GPT; the only patch-specific lines are in forward() and the patch ops
 
-VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 64 (faster matmuls)
+VOCAB_SIZE = GPTConfig.vocab_size  # GPT-2's 50257 padded to a multiple of 64 (faster matmuls)
 GPT2_VOCAB = 50257  # ids from here up to VOCAB_SIZE pad the embedding table; no text has them
 
 
@@ -169,13 +171,13 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(VOCAB_SIZE, config.n_embd),
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, VOCAB_SIZE, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if not config.untied:  # GPT-2 ties the input and output embeddings: one matrix, both roles
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -240,17 +242,48 @@ def next_patch_loss(logits, targets, K):
 
 
 # ---------------------------------------------------------------------------------------------
-# data: uint16 gpt2 token files read through np.memmap; windows of K*T tokens and their shift by K
+# data: uint16 token ids (gpt2 tokens or characters) read through np.memmap, and the vocabulary they are
+# in from the meta.json beside them; windows of K*T tokens and their shift by K
 
 
-def load_tokens(path, need):
+def read_vocab(folder):
+    """The vocabulary of the .bin files in folder, from the meta.json that prepare_data.py writes there:
+    {"tokenizer": "gpt2" or "chars", "vocab_size": how many ids the text has, "chars": the characters}."""
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{path} not found: make the data folder with prepare_data.py (it names the vocabulary)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        tokenizer, n_ids, chars = meta["tokenizer"], meta["vocab_size"], meta.get("chars")
+    except (ValueError, TypeError, KeyError, AttributeError):  # not JSON, not an object, a key missing
+        tokenizer, n_ids, chars = None, 0, None
+    gpt2 = tokenizer == "gpt2" and n_ids == GPT2_VOCAB
+    characters = tokenizer == "chars" and isinstance(chars, str) and n_ids == len(chars) > 0
+    if not (gpt2 or characters):
+        raise UserError(f"{path} is not a meta.json of prepare_data.py (gpt2 tokens or characters)")
+    return {"tokenizer": tokenizer, "vocab_size": n_ids, "chars": chars if characters else None}
+
+
+def fit_vocab(mc, vocab):
+    """mc with the embedding table the data needs: GPT-2's ids padded to VOCAB_SIZE (the published
+    numbers), or one row per character, as nanoGPT's shakespeare_char."""
+    return replace(mc, vocab_size=VOCAB_SIZE if vocab["tokenizer"] == "gpt2" else vocab["vocab_size"])
+
+
+def load_tokens(path, need, vocab):
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; make it with prepare_data.py (python prepare_data.py --help)")
     if os.path.getsize(path) % 2 or os.path.getsize(path) < 2 * need:  # need: (block_size + 1) * K
         raise UserError(f"{path}: not uint16 tokens, or fewer than one sequence ({need} tokens)")
+    if read_vocab(os.path.dirname(path)) != vocab:  # e.g. --val_bin of GPT-2 tokens for a character run
+        raise UserError(f"{path} is in another vocabulary than the training data (see the meta.json of each)")
     data = np.memmap(path, dtype=np.uint16, mode="r")
-    if int(data.max()) >= GPT2_VOCAB:
-        raise UserError(f"{path} holds token id {int(data.max())} >= {GPT2_VOCAB}: not gpt2 tokens")
+    if int(data.max()) >= vocab["vocab_size"]:
+        n = vocab["vocab_size"]
+        raise UserError(f"{path} holds token id {int(data.max())} >= {n}, beyond its meta.json's vocabulary")
     return data
 
 
@@ -344,7 +377,8 @@ class Run:
     (stage_idx, step, tokens_seen, history, train_time): together, all that a checkpoint holds."""
 
     def __init__(self, mc, tc, log=print):
-        self.mc = mc
+        self.vocab = read_vocab(tc.data_dir)  # the data decides the model's vocabulary
+        self.mc = mc = fit_vocab(mc, self.vocab)
         self.tc = tc
         self.world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
         self.rank = int(os.environ.get("RANK", 0))
@@ -363,8 +397,8 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on an Ampere GPU's tensor cores
         self.stages = plan_stages(tc, mc.block_size, self.world)
         need = (mc.block_size + 1) * tc.k  # tokens in one sequence and its target
-        self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), need)
-        self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), need)
+        self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), need, self.vocab)
+        self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), need, self.vocab)
         # fixed evaluation windows, from their own generator so that evaluating never shifts training
         eval_rng = np.random.default_rng(tc.seed + 1)
         n_eval = tc.eval_iters * tc.micro_batch
@@ -400,6 +434,7 @@ class Run:
             "format": CHECKPOINT_FORMAT,
             "model_config": asdict(self.mc),
             "train_config": asdict(self.tc),
+            "vocab": self.vocab,  # what sample.py decodes with
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
@@ -614,7 +649,7 @@ def train(mc, tc, log=print):
         "measured_cost": sum(n / v for n, v in zip(tokens, tok_s)) / (sum(tokens) / tok_s[-1]),
         "val_loss": run.history[-1]["val_loss"],
         "history": run.history,
-        "identity": identity(mc, tc),
+        "identity": identity(run.mc, tc),
     }
     atomic_write(os.path.join(tc.out_dir, "summary.json"), json.dumps(summary, indent=1).encode())
     cost = f"compute {summary['compute_cost']:.3f}, measured wall time {summary['measured_cost']:.3f}"
@@ -752,6 +787,8 @@ def integer(text):
 def build_parser(description=__doc__.strip().splitlines()[0]):
     parser = Parser(description=description, conflict_handler="resolve")  # compare.py redefines some
     for f in fields(GPTConfig) + fields(TrainConfig):
+        if f.metadata["help"] is None:
+            continue  # vocab_size: set by the data, not by a flag
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         else:
@@ -769,7 +806,7 @@ def build_parser(description=__doc__.strip().splitlines()[0]):
 def configs(args):
     """The two configs from parsed flags, checked; the default data is prepared on first use."""
     flags = vars(args)
-    mc = GPTConfig(**{f.name: flags[f.name] for f in fields(GPTConfig)})
+    mc = GPTConfig(**{f.name: flags[f.name] for f in fields(GPTConfig) if f.name in flags})
     tc = TrainConfig(**{f.name: flags[f.name] for f in fields(TrainConfig)})
     validate(mc, tc)
     tc = resolve_dtype(tc)

@@ -1,4 +1,7 @@
 """Turn text into train.bin, val.bin (GPT-2 token ids as raw uint16) and meta.json for patchgpt.py.
+With --chars the ids are characters instead (nanoGPT's shakespeare_char): the vocabulary is every character
+of the training text, in code point order, saved in meta.json; documents follow each other with no
+end-of-text mark, and a validation text with a character the training text lacks is refused.
 
 --input: a .txt file, a folder of .txt files (recursive, sorted) or a .jsonl file with a "text" string per
 line. Each file and each record is a document, followed by the end-of-text token (a literal <|endoftext|>
@@ -129,6 +132,17 @@ def get_encoding():
     return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
 
+def char_ids(chars, text):
+    """The ids of text's characters in chars (a vocabulary sorted by code point), as uint16."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    vocab = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+    ids = np.minimum(np.searchsorted(vocab, codes), len(vocab) - 1)
+    unknown = sorted(set(text[i] for i in np.flatnonzero(vocab[ids] != codes)))
+    if unknown:
+        raise PrepareError(f"characters that are not in the vocabulary: {''.join(unknown)!r}")
+    return ids.astype(np.uint16)
+
+
 def write(f, data):
     """f.write(data); a full disk becomes one line that names the file."""
     try:
@@ -141,7 +155,9 @@ def write(f, data):
         raise PrepareError(f"disk full: no space left for {f.name}; free some space and rerun") from None
 
 
-def prepare(input_path, out_dir, val_input=None, val_frac=0.1, force=False, workers=1, source=None):
+def prepare(
+    input_path, out_dir, val_input=None, val_frac=0.1, force=False, workers=1, source=None, chars=False
+):
     """Write out_dir/{train,val}.bin, meta.json; on any failure (Ctrl-C too) the old ones stay as they are."""
     files = list_files(input_path)
     n_bytes = sum(os.path.getsize(f) for f in files)
@@ -149,7 +165,15 @@ def prepare(input_path, out_dir, val_input=None, val_frac=0.1, force=False, work
     files += list_files(val_input) if val_input else []
     if not force and any(os.path.exists(os.path.join(out_dir, name)) for name in OUTPUTS):
         raise PrepareError(f"{out_dir} has outputs already (pass --force to overwrite them)")
-    enc = get_encoding()
+    if chars:  # a first pass for the vocabulary: the characters of the training text alone
+        seen = set()
+        for batch in batches(files, split_at, CHUNK_CHARS):
+            seen.update(*(text.replace(EOT, "") for split, text, _ in batch if split == "train"))
+        vocab = "".join(sorted(seen))
+        if len(vocab) > 2**16:
+            raise PrepareError(f"{input_path}: {len(vocab):,} distinct characters, more than uint16 ids hold")
+    else:
+        enc = get_encoding()
     total_mb = sum(os.path.getsize(f) for f in files) / 1e6
     os.makedirs(out_dir, exist_ok=True)
     tmp = {name: os.path.join(out_dir, name + ".tmp") for name in OUTPUTS}
@@ -157,8 +181,16 @@ def prepare(input_path, out_dir, val_input=None, val_frac=0.1, force=False, work
         with open(tmp["train.bin"], "wb") as train, open(tmp["val.bin"], "wb") as val:
             out, done, shown = {"train": train, "val": val}, 0, time.time()
             for batch in batches(files, split_at, workers * CHUNK_CHARS):
-                # tiktoken releases the GIL while it encodes, so its threads really run in parallel
-                ids = enc.encode_batch([t for _, t, _ in batch], num_threads=workers, allowed_special={EOT})
+                if chars:  # only a validation text can have a character that is not in the vocabulary
+                    try:
+                        ids = [char_ids(vocab, text.replace(EOT, "")) for _, text, _ in batch]
+                    except PrepareError as e:
+                        raise PrepareError(
+                            f"{val_input or input_path}: the validation text has {e}"
+                        ) from None
+                else:  # tiktoken releases the GIL while it encodes, so its threads really run in parallel
+                    texts = [text for _, text, _ in batch]
+                    ids = enc.encode_batch(texts, num_threads=workers, allowed_special={EOT})
                 for (split, _, _), piece_ids in zip(batch, ids):
                     write(out[split], np.array(piece_ids, dtype=np.uint16).tobytes())
                 done += sum(n for _, _, n in batch)
@@ -169,7 +201,15 @@ def prepare(input_path, out_dir, val_input=None, val_frac=0.1, force=False, work
         for split, path in (("train", input_path), ("val", val_input or input_path)):
             if counts[split] == 0:  # training or evaluating on nothing is never what was meant
                 raise PrepareError(f"{path}: no text for {split}.bin (try another --val_frac or --val_input)")
-        meta = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16"}
+        if chars:
+            meta = {"tokenizer": "chars", "vocab_size": len(vocab), "chars": vocab, "dtype": "uint16"}
+        else:
+            meta = {
+                "tokenizer": "gpt2",
+                "vocab_size": enc.n_vocab,
+                "eot_token": enc.eot_token,
+                "dtype": "uint16",
+            }
         meta.update(train_tokens=counts["train"], val_tokens=counts["val"], source=source or input_path)
         meta.update(val_source=val_input, val_frac=None if val_input else val_frac)
         with open(tmp["meta.json"], "wb") as f:
@@ -212,6 +252,9 @@ def main(argv=None):
     parser.add_argument("--val_input", help="validation text (same kinds as --input) instead of a split")
     parser.add_argument("--val_frac", type=float, default=0.1, help="see the split above (default: 0.1)")
     parser.add_argument("--out_dir", help="output folder (default: data/<dataset or input name>)")
+    parser.add_argument(
+        "--chars", action="store_true", help="character ids instead of gpt2 tokens (see above)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing train.bin/val.bin/meta.json")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads (default: CPUs)")
     args = parser.parse_args(argv)
@@ -220,8 +263,8 @@ def main(argv=None):
     name = args.dataset or "tinyshakespeare"
     if args.input:
         name = os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0]  # book.txt: data/book
-    out_dir = args.out_dir or os.path.join("data", name)
-    kw = dict(val_frac=args.val_frac, force=args.force, workers=args.workers)
+    out_dir = args.out_dir or os.path.join("data", name + ("_char" if args.chars else ""))
+    kw = dict(val_frac=args.val_frac, force=args.force, workers=args.workers, chars=args.chars)
     try:
         if args.input:
             meta = prepare(args.input, out_dir, val_input=args.val_input, **kw)

@@ -14,12 +14,12 @@ import patchgpt as P
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
-    """idx: (B, T) token ids; appends max_new_tokens sampled ids to each row."""
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_ids=P.GPT2_VOCAB):
+    """idx: (B, T) token ids; appends max_new_tokens sampled ids below n_ids to each row."""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.config.block_size :])  # (B, T, vocab)
-        # only real gpt2 ids: the padding rows of the embedding table have no text to decode to
-        logits = logits[:, -1, : P.GPT2_VOCAB] / temperature
+        # only the data's ids: GPT-2's padding rows of the embedding table have no text to decode to
+        logits = logits[:, -1, :n_ids] / temperature
         if top_k is not None:
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
@@ -38,7 +38,7 @@ def sample(
     seed=1337,
     log=print,
 ):
-    from prepare_data import PrepareError, get_encoding
+    from prepare_data import PrepareError, char_ids, get_encoding
 
     path = os.path.join(out_dir, "ckpt.pt")
     train_first = f"to sample from; train one first (python patchgpt.py --out_dir {out_dir})"
@@ -51,14 +51,23 @@ def sample(
     i = ckpt["stage_idx"]  # the stage it would train next: a patch stage, or a token stage not begun
     if i < len(stages) and (stages[i].K > 1 or (i > 0 and ckpt["step"] == 0)):
         log("note: this checkpoint has had no token-level training yet; expect poor samples")
+    # the vocabulary the run trained in; a checkpoint from before character data was GPT-2's
+    vocab = ckpt.get("vocab", {"tokenizer": "gpt2", "vocab_size": P.GPT2_VOCAB, "chars": None})
     try:
-        enc = get_encoding()
+        if vocab["chars"]:  # no prompt: the vocabulary's first character, a newline in most texts
+            ids = char_ids(vocab["chars"], prompt or vocab["chars"][0]).tolist()
+        else:
+            enc = get_encoding()
+            ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]
     except PrepareError as e:
-        raise P.UserError(str(e)) from None
-    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]
+        raise P.UserError(f"--prompt: {e}" if vocab["chars"] else str(e)) from None
     torch.manual_seed(seed)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    texts = [enc.decode(row.tolist()) for row in generate(model, x, max_new_tokens, temperature, top_k)]
+    rows = generate(model, x, max_new_tokens, temperature, top_k, vocab["vocab_size"])
+    if vocab["chars"]:
+        texts = ["".join(vocab["chars"][i] for i in row.tolist()) for row in rows]
+    else:
+        texts = [enc.decode(row.tolist()) for row in rows]
     for text in texts:
         log(text + "\n" + "-" * 40)
     return texts

@@ -18,6 +18,7 @@ import bench
 import compare
 import patchgpt as P
 import sample
+from conftest import write_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = P.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -624,6 +625,7 @@ def test_bad_data_files_are_refused(tmp_path, capsys):
         d = tmp_path / name
         d.mkdir()
         np.arange(5000, dtype=np.uint16).tofile(d / "val.bin")
+        write_meta(d)
         if content is not None:
             (d / "train.bin").write_bytes(content)
         assert_refused(refused(capsys, tiny_cli(d, tmp_path / f"out_{name}")), words[name])
@@ -868,6 +870,7 @@ def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
 def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
     other_val = tmp_path / "other_val.bin"
     np.fromfile(data_dir / "train.bin", dtype=np.uint16)[:4000].tofile(other_val)  # a different text
+    write_meta(tmp_path)
     tc = tiny_train_config(data_dir, tmp_path / "a", tokens=16 * 16 * 4)
     own = P.train(TINY, tc, log=quiet)
     sep = P.train(TINY, replace(tc, out_dir=str(tmp_path / "b"), val_bin=str(other_val)), log=quiet)
