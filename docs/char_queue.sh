@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 28's character-level runs (docs/results.md section 8), one at a time on one thread, in the order of
 # docs/char_queue.txt (read anew before each run, so the queue can change while it works): a line is a
-# run's name and its flags; a finished run (its summary.json) is skipped, an interrupted one resumed.
+# run's name and its flags; a finished run (its summary.json) is skipped, an interrupted one resumed, and
+# one that failed (exit code 2: a diverged loss, say) is marked failed and skipped. Each run's log: log.txt.
 #   nohup bash docs/char_queue.sh > out/chars/queue.log 2>&1 &
 set -u
 cd "$(dirname "$0")/.."
@@ -15,12 +16,17 @@ while true; do
   next=""
   while read -r name flags; do
     [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
-    [ -f "out/chars/$name/summary.json" ] || { next="$name"; args="$flags"; break; }
+    [ -f "out/chars/$name/summary.json" ] || [ -f "out/chars/$name/failed" ] || { next="$name"; args="$flags"; break; }
   done < docs/char_queue.txt
   [ -n "$next" ] || break
   resume=""; [ -f "out/chars/$next/ckpt.pt" ] && resume="--resume"
   echo "== $(date -u +%FT%TZ) $next $(git rev-parse --short HEAD)"
   # shellcheck disable=SC2086
-  python patchgpt.py $COMMON $args --out_dir "out/chars/$next" $resume | tail -n 3 || break
+  mkdir -p "out/chars/$next"
+  python patchgpt.py $COMMON $args --out_dir "out/chars/$next" $resume >> "out/chars/$next/log.txt" 2>&1
+  code=$?
+  tail -n 2 "out/chars/$next/log.txt"
+  [ $code = 2 ] && touch "out/chars/$next/failed"
+  [ $code = 0 ] || [ $code = 2 ] || break  # Ctrl-C or a crash: stop the queue
 done
 echo "== $(date -u +%FT%TZ) queue done"
