@@ -202,16 +202,13 @@ def prepare(
             if counts[split] == 0:  # training or evaluating on nothing is never what was meant
                 raise PrepareError(f"{path}: no text for {split}.bin (try another --val_frac or --val_input)")
         if chars:
-            meta = {"tokenizer": "chars", "vocab_size": len(vocab), "chars": vocab, "dtype": "uint16"}
+            meta = {"tokenizer": "chars", "vocab_size": len(vocab), "chars": vocab}
         else:
-            meta = {
-                "tokenizer": "gpt2",
-                "vocab_size": enc.n_vocab,
-                "eot_token": enc.eot_token,
-                "dtype": "uint16",
-            }
-        meta.update(train_tokens=counts["train"], val_tokens=counts["val"], source=source or input_path)
-        meta.update(val_source=val_input, val_frac=None if val_input else val_frac)
+            meta = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot_token": enc.eot_token}
+        meta.update(dtype="uint16", train_tokens=counts["train"], val_tokens=counts["val"])
+        meta.update(
+            source=source or input_path, val_source=val_input, val_frac=None if val_input else val_frac
+        )
         with open(tmp["meta.json"], "wb") as f:
             write(f, json.dumps(meta, indent=2).encode())
         for name in OUTPUTS:  # the real names appear only now, all three complete
@@ -252,9 +249,7 @@ def main(argv=None):
     parser.add_argument("--val_input", help="validation text (same kinds as --input) instead of a split")
     parser.add_argument("--val_frac", type=float, default=0.1, help="see the split above (default: 0.1)")
     parser.add_argument("--out_dir", help="output folder (default: data/<dataset or input name>)")
-    parser.add_argument(
-        "--chars", action="store_true", help="character ids instead of gpt2 tokens (see above)"
-    )
+    parser.add_argument("--chars", action="store_true", help="an id per character (see above)")
     parser.add_argument("--force", action="store_true", help="overwrite existing train.bin/val.bin/meta.json")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads (default: CPUs)")
     args = parser.parse_args(argv)

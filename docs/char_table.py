@@ -13,7 +13,8 @@ import numpy as np
 
 
 def load(root):
-    """{(recipe, lr, seed): (final val loss, compute)}; a recipe is e.g. "k2_lam0.5" or "base_c0.75"."""
+    """{(recipe, lr, seed): (final val loss, compute, positions trained)}; a recipe is e.g. "k2_lam0.5", or
+    "base_c0.75" for the token-level runs of a patch recipe's compute (0.75 of its tokens)."""
     runs = {}
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "summary.json")
@@ -21,18 +22,19 @@ def load(root):
         if m and os.path.exists(path):
             with open(path) as f:
                 s = json.load(f)
-            runs[m[1], float(m[2]), int(m[3])] = (s["val_loss"], s["compute_cost"])
+            positions = s["compute_cost"] * sum(s["tokens"])
+            runs[m[1], float(m[2]), int(m[3])] = (s["val_loss"], s["compute_cost"], positions)
     return runs
 
 
 def main(root):
     runs = load(root)
-    print("| run | lr | seed | compute | val loss |\n| --- | ---: | ---: | ---: | ---: |")
-    for (recipe, lr, seed), (loss, c) in sorted(runs.items()):
-        print(f"| {recipe} | {lr:g} | {seed} | {c:.4f} | {loss:.4f} |")
+    print("| run | lr | seed | positions trained | val loss |\n| --- | ---: | ---: | ---: | ---: |")
+    for (recipe, lr, seed), (loss, _, positions) in sorted(runs.items()):
+        print(f"| {recipe} | {lr:g} | {seed} | {positions:,.0f} | {loss:.4f} |")
     best = {}  # (recipe, seed) -> the lowest loss of the learning rates tried
     cost = {}
-    for (recipe, lr, seed), (loss, c) in runs.items():
+    for (recipe, lr, seed), (loss, c, _) in runs.items():
         best[recipe, seed] = min(best.get((recipe, seed), np.inf), loss)
         cost[recipe] = c
     print("\n| recipe | compute | lrs tried (patch; baseline) | seeds | patch | baseline | gap |")
