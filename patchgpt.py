@@ -5,7 +5,8 @@ Stage 1 (patch level, a fraction lam of the tokens): each K consecutive token em
 into one "patch", and one output distribution per patch predicts all K tokens of the next patch.
 Stage 2 (token level, the rest): plain next-token training, starting from the stage-1 weights.
 A run costs lam/K + 1 - lam of token-level training on the same tokens (K=4, lam=2/3: 0.5): the
-paper's formula, which the run's stage plan gives up to its rounding to whole steps (plan_cost).
+paper's formula, which the cost a run reports, counted in the FLOPs its code computes (plan_cost),
+gives up to its rounding to whole steps.
 
   python patchgpt.py --k 4 --lam 0.67    # the default model and data (Tiny Shakespeare); a CPU will do
   python patchgpt.py --k 1               # the token-level baseline; --help lists every flag
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 # ---------------------------------------------------------------------------------------------
 # config: every field is a command-line flag of the same name; validate() checks their ranges
@@ -302,22 +305,17 @@ def plan_stages(tc, block_size, world_size=1):
     return plan
 
 
-def positions(stages):
-    """The positions the model is trained on, the measure of compute: a patch position costs what a token
-    position costs (a model that does more per patch, K heads say, costs more), and holds K tokens."""
-    return sum(s.steps * s.tokens_per_step / s.K for s in stages)
+def plan_cost(stages, flops):
+    """Compute relative to token-level training on the same tokens, from each stage's FLOPs per token
+    (Run.count_flops); the last stage is token-level. For the paper's two stages: lam/K + 1 - lam."""
+    tokens = [s.steps * s.tokens_per_step for s in stages]
+    return sum(n * f for n, f in zip(tokens, flops)) / (sum(tokens) * flops[-1])
 
 
-def plan_cost(stages):
-    """Compute relative to token-level training on the same tokens. For the paper's two stages:
-    lam/K + 1 - lam, to whole steps."""
-    return positions(stages) / sum(s.steps * s.tokens_per_step for s in stages)
-
-
-def seconds_left(stages, i, step, tok_s):
-    """At stage i's speed, in positions per second."""
-    done = step * stages[i].tokens_per_step / stages[i].K
-    return (positions(stages[i:]) - done) / (tok_s / stages[i].K)
+def seconds_left(stages, flops, i, step, tok_s):
+    """At stage i's speed, in FLOPs per second."""
+    left = sum(s.steps * s.tokens_per_step * f for s, f in zip(stages[i:], flops[i:]))
+    return (left - step * stages[i].tokens_per_step * flops[i]) / (tok_s * flops[i])
 
 
 def get_lr(step, total_steps, tc):
@@ -377,7 +375,7 @@ class Run:
         if tc.compile:  # static shapes: one graph per stage (K*T tokens, then T)
             self.model = torch.compile(self.model, dynamic=False)
         if self.ddp:  # DDP needs a gradient for every parameter in every stage, unless it is told to look
-            # for unused ones (find_unused_parameters=True: slower); train_step() names one that has none
+            # for unused ones (find_unused_parameters=True: slower); count_flops() names one that has none
             ids = [self.device] if self.device_type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = None  # made when a stage starts (train_stages)
@@ -392,6 +390,7 @@ class Run:
         self.losses = []  # the steps' losses since they were last checked
         self.stop = False  # set by Ctrl-C or SIGTERM: save at the end of the step, then stop
         self.eval_due = False  # a stop came at an evaluation step: the resumed run evaluates first
+        self.flops = self.count_flops()  # FLOPs per token of each stage, the measure of the run's cost
 
     def save(self):
         if not self.master:
@@ -474,19 +473,36 @@ class Run:
             x, y = get_batch(self.train_data, mine, stage.K, self.mc.block_size, self.device)
             if self.ddp:  # average gradients across processes on the last micro-step only
                 self.model.require_backward_grad_sync = micro == stage.grad_accum - 1
-            with self.ctx:
-                _, loss = self.model(x, y, patch_size=stage.K)
-            (loss / stage.grad_accum).backward()
-            losses.append(loss.detach())  # all of them: a bad loss in any micro-batch spoils the step
-        if self.ddp and not self.model.find_unused_parameters:  # else DDP's traceback at the next step
-            unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
-            if unused:
-                raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
+            losses.append(self.forward_backward(self.model, stage, x, y))  # a bad loss in any spoils the step
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses).mean()
+
+    def forward_backward(self, model, stage, x, y):
+        """The work of one micro-batch: all that a step computes is here (a second forward, an extra loss),
+        so that count_flops(), which runs these lines too, counts it in the cost. Returns the loss."""
+        with self.ctx:
+            _, loss = model(x, y, patch_size=stage.K)
+        (loss / stage.grad_accum).backward()
+        return loss.detach()
+
+    def count_flops(self):
+        """Before training, a sequence of each stage through forward_backward: its FLOPs per token, and under
+        DDP a parameter with no gradient in it. It draws no random number and leaves no gradient."""
+        flops = []
+        for stage in self.stages:
+            x = torch.zeros((1, stage.K * self.mc.block_size), dtype=torch.long, device=self.device)
+            # the math kernel of attention is matmuls, which the counter knows on every device
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                self.forward_backward(self.raw_model, stage, x, x)
+            flops.append(counter.get_total_flops() / x.numel())
+            unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
+            if self.ddp and unused and not self.model.find_unused_parameters:
+                raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
+            self.raw_model.zero_grad(set_to_none=True)
+        return flops
 
     def after_step(self, i, stage, loss, lr):
         """After an optimizer step: a progress line and a check for a non-finite loss every log_interval
@@ -517,7 +533,7 @@ class Run:
         self.train_time[i] += seconds
         self.timed_tokens[i] += tokens
         tok_s = tokens / max(seconds, 1e-9)
-        eta = f"{seconds_left(self.stages, i, self.step, tok_s) / 60:.1f} min" if tokens else "-"
+        eta = f"{seconds_left(self.stages, self.flops, i, self.step, tok_s) / 60:.1f} min" if tokens else "-"
         self.log(
             f"{stage.name} K={stage.K} step {self.step}/{stage.steps} | tokens {self.tokens_seen:,} | loss "
             f"{self.losses[-1].item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
@@ -582,7 +598,7 @@ def train(mc, tc, log=print):
                 os.remove(os.path.join(tc.out_dir, name))
     n_params = sum(p.numel() for p in run.raw_model.parameters())
     where = f"{run.device} x {run.world}" if run.ddp else run.device
-    cost = f"compute vs token-level training: {plan_cost(run.stages):.3f}"
+    cost = f"compute vs token-level training: {plan_cost(run.stages, run.flops):.3f}"
     run.log(f"model: {n_params / 1e6:.2f}M parameters | {where} | {tc.dtype} | {cost}")
     for s in run.stages:  # a patch stage's sequences are K times longer: K x block_size tokens
         shape = f"{s.grad_accum} x {s.micro_batch} sequences of {s.K * mc.block_size} tokens"
@@ -609,7 +625,7 @@ def train(mc, tc, log=print):
         "tokens": tokens,
         "time": run.train_time,
         "tok_s": tok_s,
-        "compute_cost": plan_cost(run.stages),
+        "compute_cost": plan_cost(run.stages, run.flops),
         # wall time against a token-level run of the same tokens at this run's own token-stage speed
         "measured_cost": sum(n / v for n, v in zip(tokens, tok_s)) / (sum(tokens) / tok_s[-1]),
         "val_loss": run.history[-1]["val_loss"],

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import compare
@@ -182,30 +184,48 @@ def test_stage_plan(K, lam):
     # a patch step reads the same tokens through 1/K of the sequences (each K times longer)
     assert patch.micro_batch * patch.grad_accum * K == token.micro_batch * token.grad_accum == 64
     assert patch.micro_batch <= 16 and token.micro_batch <= 16
-    assert P.plan_cost(stages) == pytest.approx(lam / K + 1 - lam, abs=0.01)  # the paper's formula
+
+
+def test_the_paper_s_two_stages_cost_lam_over_k_plus_1_minus_lam(data_dir):
+    """The FLOPs the code computes give the paper's formula, to whole steps, for its two stages."""
+    for K, lam in ((4, 0.67), (2, 0.5), (8, 0.3), (1, 0.0)):
+        run = P.Run(TINY, tiny_train_config(data_dir, "", k=K, lam=lam, tokens=16 * 16 * 16), log=quiet)
+        steps = [s.steps for s in run.stages]
+        assert P.plan_cost(run.stages, run.flops) == pytest.approx(
+            (steps[0] / K + sum(steps[1:])) / sum(steps)
+        )
+        assert P.plan_cost(run.stages, run.flops) == pytest.approx(lam / K + 1 - lam, abs=0.02)
 
 
 @pytest.mark.parametrize("K,lam", [(4, 0.67), (2, 0.5), (8, 0.3), (1, 0.0)])
 def test_the_reported_cost_is_the_compute_the_run_did(data_dir, tmp_path, monkeypatch, K, lam):
-    """Counted in the model's training forward passes, whatever the stages are: a learner who changes
-    the plan (a third stage, say) must not be left with a cost from a formula that no longer holds."""
+    """Counted in FLOPs in every optimizer step: a learner who adds work (a second forward, K heads) or
+    changes the plan (a third stage) gets it in the printed cost, summary.json and compare.py's
+    equal-compute baseline without a new formula."""
+    steps = []  # the FLOPs of each optimizer step of a run
+    train_step = P.Run.train_step
 
-    class Counting(P.GPT):
-        positions = 0
+    def counted(run, stage, lr):  # attention's math kernel is matmuls, which the counter counts
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            loss = train_step(run, stage, lr)
+        steps.append(counter.get_total_flops())
+        return loss
 
-        def forward(self, idx, targets=None, patch_size=1):
-            logits, loss = super().forward(idx, targets, patch_size)
-            if self.training:  # not the evaluations
-                Counting.positions += logits.shape[0] * logits.shape[1]
-            return logits, loss
-
-    monkeypatch.setattr(P, "GPT", Counting)
+    monkeypatch.setattr(P.Run, "train_step", counted)
     lines = []
-    tc = tiny_train_config(data_dir, tmp_path / "run", k=K, lam=lam, tokens=16 * 16 * 16)
+    tc = tiny_train_config(data_dir, tmp_path / "run", k=K, lam=lam, tokens=128 * 16, tokens_per_step=128)
     summary = P.train(TINY, tc, log=lines.append)
-    assert summary["compute_cost"] == Counting.positions / sum(summary["tokens"])
+    token_step = steps[-1]  # a token-level step: the last stage's
+    token_level = sum(summary["tokens"]) / tc.tokens_per_step * token_step  # the same tokens
+    assert summary["compute_cost"] == pytest.approx(sum(steps) / token_level, rel=1e-9)
     assert f"compute vs token-level training: {summary['compute_cost']:.3f}" in lines[0]
     assert f"compute {summary['compute_cost']:.3f}," in lines[-2]
+    # compare.py's equal-compute baseline of this run: as many token-level steps as its FLOPs buy
+    if K > 1:
+        lists = {"k": [tc.k], "lam": [tc.lam], "schedule": [tc.schedule]}
+        tokens = next(n for run, *_, n in compare.plan_runs(TINY, tc, lists) if "_cost" in run)
+        baseline = P.plan_stages(replace(tc, k=1, tokens=tokens), TINY.block_size)
+        assert abs(baseline[0].steps * token_step - sum(steps)) <= token_step / 2
 
 
 def test_plan_splits_micro_steps_across_processes():
@@ -750,12 +770,12 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     assert again[0]["extra_val_loss"] == run.history[-1]["val_loss"]
 
 
-def test_compare_plans_schedule_families_and_drops_repeats():
+def test_compare_plans_schedule_families_and_drops_repeats(data_dir):
     args = argparse.Namespace(k="4,2,4", lam="0.5", schedule="restart,global,wsd,wsd")
     lists = compare.parse_lists(args)
     assert lists == {"k": [4, 2], "lam": [0.5], "schedule": ["restart", "global", "wsd"]}
-    tc = P.TrainConfig(tokens=16 * 16 * 16, tokens_per_step=256)
-    runs = compare.plan_runs(tc, lists, 16)
+    tc = tiny_train_config(data_dir, "", tokens=64 * 16, tokens_per_step=64)
+    runs = compare.plan_runs(TINY, tc, lists)
     names = [r[0] for r in runs]
     assert len(names) == len(set(names))
     # restart and global share their one-stage baselines (the same run); wsd has its own
