@@ -419,8 +419,10 @@ class Run:
         defaults = {f.name: f.default for f in fields(GPTConfig) + fields(TrainConfig)}
         saved = {**defaults, **ckpt["model_config"], **ckpt["train_config"]}
         for key, new in identity(self.mc, self.tc).items():
-            if saved[key] != new:
-                raise UserError(f"the checkpoint was made with --{key} {saved[key]}, not {new}")
+            if saved[key] != new:  # 4 and '4' print alike: a change of type names the types
+                typed = type(saved[key]) is not type(new)
+                was, now = (f"{v!r} ({type(v).__name__})" if typed else v for v in (saved[key], new))
+                raise UserError(f"the checkpoint was made with --{key} {was}, not {now}")
         self.optimizer = self.raw_model.configure_optimizer(self.tc, self.device_type)
         for group in ckpt["optimizer"]["param_groups"]:  # AdamW's kernel for this device, not the saver's
             group["fused"] = self.optimizer.defaults["fused"]

@@ -370,6 +370,10 @@ def test_a_checkpoint_from_before_a_new_flag_resumes_while_the_flag_keeps_its_de
         P.train(TINY, replace(tc, resume=True, decay_frac=0.5), log=quiet)
     with pytest.raises(P.UserError, match="made with --untied False, not True"):
         P.train(replace(TINY, untied=True), replace(tc, resume=True), log=quiet)
+    # a flag whose type changed: 2 and '2' print alike, so the types are named
+    torch.save(dict(ckpt, train_config=dict(ckpt["train_config"], k="2")), path)
+    with pytest.raises(P.UserError, match=r"made with --k '2' \(str\), not 2 \(int\)"):
+        P.train(TINY, replace(tc, resume=True), log=quiet)
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(data_dir, tmp_path, capsys):
