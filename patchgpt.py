@@ -507,27 +507,19 @@ class Run:
         return flops
 
     def after_step(self, i, stage, loss, lr):
-        """After an optimizer step: a progress line and a check for a non-finite loss every log_interval
-        steps, an evaluation and a checkpoint every eval_interval, a checkpoint and a stop on Ctrl-C."""
-        self.losses.append(loss)
-        if self.clock is None:  # the clock starts after the stage's first step here, which compiles
+        """After an optimizer step: every log_interval steps a check (a bad loss, a Ctrl-C) and a progress
+        line; after a Ctrl-C a checkpoint and a stop; every eval_interval an evaluation and a checkpoint."""
+        self.losses.append(loss)  # read at the next check, not now: reading a loss waits for the GPU
+        if self.clock is None:  # the stage's first step in this process (it compiles) is left out of its time
             synchronize(self.device)
             self.clock = (time.time(), self.tokens_seen)
         last = self.step == stage.steps
         at_eval = self.step % self.tc.eval_interval == 0 or last
         at_log = self.step % self.tc.log_interval == 0 or at_eval
-        # reading a loss waits for the GPU: one process checks when it logs or stops; DDP processes every
-        # step, so that all stop within a step of a Ctrl-C (torchrun kills them ~30 s after passing it on)
-        if not (at_log or self.stop or self.ddp):
-            return
-        n_bad = (~torch.isfinite(torch.stack(self.losses))).sum().float()
-        flags = torch.stack([n_bad, torch.tensor(float(self.stop), device=self.device)])
-        if self.ddp:  # every process learns of a bad loss or a Ctrl-C anywhere
-            torch.distributed.all_reduce(flags)
-        if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
-            raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
-        stop = bool(flags[1] > 0)  # what every process agreed on; a later Ctrl-C counts at the next check
-        if not (at_log or stop):  # a DDP process that only checked this step
+        # one process checks to log or to stop; DDP processes check every step, so that all stop at the same
+        # step whichever got the Ctrl-C (torchrun kills them ~30 s after it passes one on)
+        stop = self.check(stage) if at_log or self.stop or self.ddp else False
+        if not (at_log or stop):  # nothing to report (a DDP process may only have checked)
             return
         synchronize(self.device)  # time the work, not its launch
         seconds = time.time() - self.clock[0]
@@ -538,20 +530,30 @@ class Run:
         eta = f"{seconds_left(self.stages, self.flops, i, self.step, tok_s) / 60:.1f} min" if tokens else "-"
         self.log(
             f"{stage.name} K={stage.K} step {self.step}/{stage.steps} | tokens {self.tokens_seen:,} | loss "
-            f"{self.losses[-1].item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
+            f"{loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
         )
-        self.losses = []
-        if stop:
-            self.eval_due = at_eval  # not now: torchrun's kill does not wait for an evaluation
+        if stop:  # save now, without the evaluation that may be due: torchrun's kill does not wait for one
+            self.eval_due = at_eval  # the resumed run makes it first
             self.save()
             if self.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
                 torch.distributed.barrier()
             raise KeyboardInterrupt
         if at_eval:
             self.evaluate(stage)
-            if not last:  # the last step's save is the switch's
+            if not last:  # the last step's save is the switch's (train_stages)
                 self.save()
-        self.clock = (time.time(), self.tokens_seen)  # the next window starts after evaluation and save
+        self.clock = (time.time(), self.tokens_seen)  # the next line times what follows this evaluation
+
+    def check(self, stage):
+        """Whether a Ctrl-C came to any process; raises on a non-finite loss in any."""
+        n_bad = (~torch.isfinite(torch.stack(self.losses))).sum().float()
+        self.losses = []
+        flags = torch.stack([n_bad, torch.tensor(float(self.stop), device=self.device)])
+        if self.ddp:  # every process learns of a bad loss or a Ctrl-C anywhere
+            torch.distributed.all_reduce(flags)
+        if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
+            raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
+        return bool(flags[1] > 0)  # what every process agreed on; a later Ctrl-C counts at the next check
 
 
 def train_stages(run):
