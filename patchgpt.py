@@ -337,6 +337,13 @@ def get_lr(step, total_steps, tc):
 CHECKPOINT_FORMAT = "patchgpt-3"
 
 
+def make_model(mc, tc):
+    """A run's model, sample.py's too. Every run of a seed starts from the same weights, whatever K or lam:
+    the baselines' fairness rests on it, so a module for one stage is made in every run, after the GPT's."""
+    torch.manual_seed(tc.seed)
+    return GPT(mc)
+
+
 class Run:
     """What a run trains with (device, data, model, optimizer, batch generator) and how far it has got
     (stage_idx, step, tokens_seen, history, train_time): together, all that a checkpoint holds."""
@@ -367,10 +374,7 @@ class Run:
         eval_rng = np.random.default_rng(tc.seed + 1)
         n_eval = tc.eval_iters * tc.micro_batch
         self.eval_starts = batch_starts(eval_rng, len(self.val_data), 1, mc.block_size, n_eval)
-        # every run of a seed starts from the same weights, whatever K, lam or schedule: the baselines'
-        # fairness rests on it, so a module added for one stage must be made for every run alike
-        torch.manual_seed(tc.seed)
-        self.raw_model = GPT(mc).to(self.device)
+        self.raw_model = make_model(mc, tc).to(self.device)
         self.model = self.raw_model  # what trains: compiled and/or wrapped for DDP
         if tc.compile:  # static shapes: one graph per stage (K*T tokens, then T)
             self.model = torch.compile(self.model, dynamic=False)

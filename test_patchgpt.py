@@ -389,6 +389,11 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(data_dir, tmp_path
         torch.save(dict(ckpt, model=weights), out / "ckpt.pt")
         result = refused(capsys, tiny_cli(data_dir, out, "--tokens", "1024", "--resume"))
         assert_refused(result, "the checkpoint does not fit this model", key)
+        result = refused(capsys, [sys.executable, "sample.py", "--out_dir", str(out)])
+        assert_refused(result, "does not fit this model", key)
+    # sample.py builds the model its checkpoint's settings describe: one it does not know is one line too
+    torch.save(dict(ckpt, model_config=dict(ckpt["model_config"], n_experts=4)), out / "ckpt.pt")
+    assert_refused(refused(capsys, [sys.executable, "sample.py", "--out_dir", str(out)]), "n_experts")
 
 
 def test_sampling_from_a_checkpoint(data_dir, tmp_path):
