@@ -170,7 +170,7 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     )
     log(
         f"whole run --k {patch['K']} --lam {lam:.3g}: wall time {ratio:.3f} of token-level training "
-        f"of the same tokens (compute {P.plan_cost(run.stages):.3f}: lam/K + 1 - lam to whole steps)"
+        f"of the same tokens (compute {P.plan_cost(run.stages, run.flops):.3f}, counted in FLOPs)"
     )
     return {"device": name, "rows": rows, "speedup": speedup, "run_ratio": ratio}
 

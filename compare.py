@@ -1,7 +1,7 @@
 """
 compare.py: patch-level runs against token-level baselines on the same data, seed and model: the baseline
 on the same tokens (equal data) and a baseline on cost x the tokens (equal compute: cost is the patch run's
-compute from its stage plan, lam/K + 1 - lam to whole steps).
+compute as it reports it, counted in FLOPs: lam/K + 1 - lam to whole steps for the paper's method).
 Prints a table, writes results.json and, with matplotlib installed, compare.png (token-level val loss
 against tokens and against compute, like the paper's Figure 1).
 
@@ -67,12 +67,12 @@ def family(schedule):
 
 
 def cost(compute):
-    """A patch run's compute (P.plan_cost of its stage plan) rounded as the equal-compute baselines' names
-    and token counts use it: a new layout of stages in patchgpt.py changes its baselines too."""
+    """A patch run's compute (P.plan_cost, of the FLOPs its code computes) rounded as the equal-compute
+    baselines' names and token counts use it: a change to the stages or the steps changes its baselines."""
     return round(compute, 4)
 
 
-def plan_runs(tc, lists, block_size):
+def plan_runs(mc, tc, lists):
     """(name, schedule, K, lam, tokens) of every run: per schedule family the baseline, the patch runs and
     one equal-compute baseline per distinct cost. A one-stage run is the same under restart and global."""
     N, runs = tc.tokens, []
@@ -85,8 +85,8 @@ def plan_runs(tc, lists, block_size):
             for lam in lists["lam"]:
                 if K > 1 and lam > 0:
                     runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
-                    plan = P.plan_stages(replace(tc, k=K, lam=lam, schedule=schedule), block_size)
-                    costs.append(cost(P.plan_cost(plan)))
+                    run = P.Run(mc, replace(tc, k=K, lam=lam, schedule=schedule), log=lambda *a: None)
+                    costs.append(cost(P.plan_cost(run.stages, run.flops)))  # the cost the run will report
         runs += [
             (f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N)) for c in sorted(set(costs))
         ]
@@ -96,14 +96,14 @@ def plan_runs(tc, lists, block_size):
 def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
     tc = P.resolve_dtype(tc)  # as train() saves it, so that finished runs are recognized
     mc = P.fit_vocab(mc, P.read_vocab(tc.data_dir))  # likewise: the data's vocabulary, as Run sets it
-    runs, results = plan_runs(tc, lists, mc.block_size), []
+    for name, values in lists.items():  # refuse a bad value or plan before the first run, not in the grid
+        for value in values:
+            P.validate(mc, replace(tc, **{name: value}))
+    runs, results = plan_runs(mc, tc, lists), []
     configs = [
         (name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))
         for name, s, K, lam, n in runs
     ]
-    for name, values in lists.items():  # refuse a bad value or plan before the first run, not in the grid
-        for value in values:
-            P.validate(mc, replace(tc, **{name: value}))
     for _, sub in configs:
         P.plan_stages(sub, mc.block_size)
     for name, sub in configs:

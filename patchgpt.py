@@ -5,7 +5,8 @@ Stage 1 (patch level, a fraction lam of the tokens): each K consecutive token em
 into one "patch", and one output distribution per patch predicts all K tokens of the next patch.
 Stage 2 (token level, the rest): plain next-token training, starting from the stage-1 weights.
 A run costs lam/K + 1 - lam of token-level training on the same tokens (K=4, lam=2/3: 0.5): the
-paper's formula, which the run's stage plan gives up to its rounding to whole steps (plan_cost).
+paper's formula, which the cost a run reports, counted in the FLOPs its code computes (plan_cost),
+gives up to its rounding to whole steps.
 
   python patchgpt.py --k 4 --lam 0.67    # the default model and data (Tiny Shakespeare); a CPU will do
   python patchgpt.py --k 1               # the token-level baseline; --help lists every flag
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 # ---------------------------------------------------------------------------------------------
 # config: every field is a command-line flag of the same name; validate() checks their ranges
@@ -335,22 +338,17 @@ def plan_stages(tc, block_size, world_size=1):
     return plan
 
 
-def positions(stages):
-    """The positions the model is trained on, the measure of compute: a patch position costs what a token
-    position costs (a model that does more per patch, K heads say, costs more), and holds K tokens."""
-    return sum(s.steps * s.tokens_per_step / s.K for s in stages)
+def plan_cost(stages, flops):
+    """Compute relative to token-level training on the same tokens, from each stage's FLOPs per token
+    (Run.count_flops); the last stage is token-level. For the paper's two stages: lam/K + 1 - lam."""
+    tokens = [s.steps * s.tokens_per_step for s in stages]
+    return sum(n * f for n, f in zip(tokens, flops)) / (sum(tokens) * flops[-1])
 
 
-def plan_cost(stages):
-    """Compute relative to token-level training on the same tokens. For the paper's two stages:
-    lam/K + 1 - lam, to whole steps."""
-    return positions(stages) / sum(s.steps * s.tokens_per_step for s in stages)
-
-
-def seconds_left(stages, i, step, tok_s):
-    """At stage i's speed, in positions per second."""
-    done = step * stages[i].tokens_per_step / stages[i].K
-    return (positions(stages[i:]) - done) / (tok_s / stages[i].K)
+def seconds_left(stages, flops, i, step, tok_s):
+    """At stage i's speed, in FLOPs per second."""
+    left = sum(s.steps * s.tokens_per_step * f for s, f in zip(stages[i:], flops[i:]))
+    return (left - step * stages[i].tokens_per_step * flops[i]) / (tok_s * flops[i])
 
 
 def get_lr(step, total_steps, tc):
@@ -370,6 +368,13 @@ def get_lr(step, total_steps, tc):
 # training: Run holds a run's objects and progress; train_stages() is the method, step by step
 
 CHECKPOINT_FORMAT = "patchgpt-3"
+
+
+def make_model(mc, tc):
+    """A run's model, sample.py's too. Every run of a seed starts from the same weights, whatever K or lam:
+    the baselines' fairness rests on it, so a module for one stage is made in every run, after the GPT's."""
+    torch.manual_seed(tc.seed)
+    return GPT(mc)
 
 
 class Run:
@@ -403,15 +408,12 @@ class Run:
         eval_rng = np.random.default_rng(tc.seed + 1)
         n_eval = tc.eval_iters * tc.micro_batch
         self.eval_starts = batch_starts(eval_rng, len(self.val_data), 1, mc.block_size, n_eval)
-        # every run of a seed starts from the same weights, whatever K, lam or schedule: the baselines'
-        # fairness rests on it, so a module added for one stage must be made for every run alike
-        torch.manual_seed(tc.seed)
-        self.raw_model = GPT(mc).to(self.device)
+        self.raw_model = make_model(mc, tc).to(self.device)
         self.model = self.raw_model  # what trains: compiled and/or wrapped for DDP
         if tc.compile:  # static shapes: one graph per stage (K*T tokens, then T)
             self.model = torch.compile(self.model, dynamic=False)
         if self.ddp:  # DDP needs a gradient for every parameter in every stage, unless it is told to look
-            # for unused ones (find_unused_parameters=True: slower); train_step() names one that has none
+            # for unused ones (find_unused_parameters=True: slower); count_flops() names one that has none
             ids = [self.device] if self.device_type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = None  # made when a stage starts (train_stages)
@@ -426,6 +428,7 @@ class Run:
         self.losses = []  # the steps' losses since they were last checked
         self.stop = False  # set by Ctrl-C or SIGTERM: save at the end of the step, then stop
         self.eval_due = False  # a stop came at an evaluation step: the resumed run evaluates first
+        self.flops = self.count_flops()  # FLOPs per token of each stage, the measure of the run's cost
 
     def save(self):
         if not self.master:
@@ -455,8 +458,10 @@ class Run:
         defaults = {f.name: f.default for f in fields(GPTConfig) + fields(TrainConfig)}
         saved = {**defaults, **ckpt["model_config"], **ckpt["train_config"]}
         for key, new in identity(self.mc, self.tc).items():
-            if saved[key] != new:
-                raise UserError(f"the checkpoint was made with --{key} {saved[key]}, not {new}")
+            if saved[key] != new:  # 4 and '4' print alike: a change of type names the types
+                typed = type(saved[key]) is not type(new)
+                was, now = (f"{v!r} ({type(v).__name__})" if typed else v for v in (saved[key], new))
+                raise UserError(f"the checkpoint was made with --{key} {was}, not {now}")
         self.optimizer = self.raw_model.configure_optimizer(self.tc, self.device_type)
         for group in ckpt["optimizer"]["param_groups"]:  # AdamW's kernel for this device, not the saver's
             group["fused"] = self.optimizer.defaults["fused"]
@@ -509,42 +514,51 @@ class Run:
             x, y = get_batch(self.train_data, mine, stage.K, self.mc.block_size, self.device)
             if self.ddp:  # average gradients across processes on the last micro-step only
                 self.model.require_backward_grad_sync = micro == stage.grad_accum - 1
-            with self.ctx:
-                _, loss = self.model(x, y, patch_size=stage.K)
-            (loss / stage.grad_accum).backward()
-            losses.append(loss.detach())  # all of them: a bad loss in any micro-batch spoils the step
-        if self.ddp and not self.model.find_unused_parameters:  # else DDP's traceback at the next step
-            unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
-            if unused:
-                raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
+            losses.append(self.forward_backward(self.model, stage, x, y))  # a bad loss in any spoils the step
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses).mean()
 
+    def forward_backward(self, model, stage, x, y):
+        """The work of one micro-batch: all that a step computes is here (a second forward, an extra loss),
+        so that count_flops(), which runs these lines too, counts it in the cost. Returns the loss."""
+        with self.ctx:
+            _, loss = model(x, y, patch_size=stage.K)
+        (loss / stage.grad_accum).backward()
+        return loss.detach()
+
+    def count_flops(self):
+        """Before training, a sequence of each stage through forward_backward: its FLOPs per token, and under
+        DDP a parameter with no gradient in it. It draws no random number and leaves no gradient."""
+        flops = []
+        for stage in self.stages:
+            x = torch.zeros((1, stage.K * self.mc.block_size), dtype=torch.long, device=self.device)
+            # the math kernel of attention is matmuls, which the counter knows on every device
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                self.forward_backward(self.raw_model, stage, x, x)
+            flops.append(counter.get_total_flops() / x.numel())
+            unused = [name for name, p in self.raw_model.named_parameters() if p.grad is None]
+            if self.ddp and unused and not self.model.find_unused_parameters:
+                raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
+            self.raw_model.zero_grad(set_to_none=True)
+        return flops
+
     def after_step(self, i, stage, loss, lr):
-        """After an optimizer step: a progress line and a check for a non-finite loss every log_interval
-        steps, an evaluation and a checkpoint every eval_interval, a checkpoint and a stop on Ctrl-C."""
-        self.losses.append(loss)
-        if self.clock is None:  # the clock starts after the stage's first step here, which compiles
+        """After an optimizer step: every log_interval steps a check (a bad loss, a Ctrl-C) and a progress
+        line; after a Ctrl-C a checkpoint and a stop; every eval_interval an evaluation and a checkpoint."""
+        self.losses.append(loss)  # read at the next check, not now: reading a loss waits for the GPU
+        if self.clock is None:  # the stage's first step in this process (it compiles) is left out of its time
             synchronize(self.device)
             self.clock = (time.time(), self.tokens_seen)
         last = self.step == stage.steps
         at_eval = self.step % self.tc.eval_interval == 0 or last
         at_log = self.step % self.tc.log_interval == 0 or at_eval
-        # reading a loss waits for the GPU: one process checks when it logs or stops; DDP processes every
-        # step, so that all stop within a step of a Ctrl-C (torchrun kills them ~30 s after passing it on)
-        if not (at_log or self.stop or self.ddp):
-            return
-        n_bad = (~torch.isfinite(torch.stack(self.losses))).sum().float()
-        flags = torch.stack([n_bad, torch.tensor(float(self.stop), device=self.device)])
-        if self.ddp:  # every process learns of a bad loss or a Ctrl-C anywhere
-            torch.distributed.all_reduce(flags)
-        if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
-            raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
-        stop = bool(flags[1] > 0)  # what every process agreed on; a later Ctrl-C counts at the next check
-        if not (at_log or stop):  # a DDP process that only checked this step
+        # one process checks to log or to stop; DDP processes check every step, so that all stop at the same
+        # step whichever got the Ctrl-C (torchrun kills them ~30 s after it passes one on)
+        stop = self.check(stage) if at_log or self.stop or self.ddp else False
+        if not (at_log or stop):  # nothing to report (a DDP process may only have checked)
             return
         synchronize(self.device)  # time the work, not its launch
         seconds = time.time() - self.clock[0]
@@ -552,23 +566,33 @@ class Run:
         self.train_time[i] += seconds
         self.timed_tokens[i] += tokens
         tok_s = tokens / max(seconds, 1e-9)
-        eta = f"{seconds_left(self.stages, i, self.step, tok_s) / 60:.1f} min" if tokens else "-"
+        eta = f"{seconds_left(self.stages, self.flops, i, self.step, tok_s) / 60:.1f} min" if tokens else "-"
         self.log(
             f"{stage.name} K={stage.K} step {self.step}/{stage.steps} | tokens {self.tokens_seen:,} | loss "
-            f"{self.losses[-1].item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
+            f"{loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}"
         )
-        self.losses = []
-        if stop:
-            self.eval_due = at_eval  # not now: torchrun's kill does not wait for an evaluation
+        if stop:  # save now, without the evaluation that may be due: torchrun's kill does not wait for one
+            self.eval_due = at_eval  # the resumed run makes it first
             self.save()
             if self.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
                 torch.distributed.barrier()
             raise KeyboardInterrupt
         if at_eval:
             self.evaluate(stage)
-            if not last:  # the last step's save is the switch's
+            if not last:  # the last step's save is the switch's (train_stages)
                 self.save()
-        self.clock = (time.time(), self.tokens_seen)  # the next window starts after evaluation and save
+        self.clock = (time.time(), self.tokens_seen)  # the next line times what follows this evaluation
+
+    def check(self, stage):
+        """Whether a Ctrl-C came to any process; raises on a non-finite loss in any."""
+        n_bad = (~torch.isfinite(torch.stack(self.losses))).sum().float()
+        self.losses = []
+        flags = torch.stack([n_bad, torch.tensor(float(self.stop), device=self.device)])
+        if self.ddp:  # every process learns of a bad loss or a Ctrl-C anywhere
+            torch.distributed.all_reduce(flags)
+        if flags[0] > 0:  # before any save: a checkpoint never holds weights a bad loss touched
+            raise UserError(f"non-finite loss by {stage.name} step {self.step}; try a lower --lr")
+        return bool(flags[1] > 0)  # what every process agreed on; a later Ctrl-C counts at the next check
 
 
 def train_stages(run):
@@ -617,7 +641,7 @@ def train(mc, tc, log=print):
                 os.remove(os.path.join(tc.out_dir, name))
     n_params = sum(p.numel() for p in run.raw_model.parameters())
     where = f"{run.device} x {run.world}" if run.ddp else run.device
-    cost = f"compute vs token-level training: {plan_cost(run.stages):.3f}"
+    cost = f"compute vs token-level training: {plan_cost(run.stages, run.flops):.3f}"
     run.log(f"model: {n_params / 1e6:.2f}M parameters | {where} | {tc.dtype} | {cost}")
     for s in run.stages:  # a patch stage's sequences are K times longer: K x block_size tokens
         shape = f"{s.grad_accum} x {s.micro_batch} sequences of {s.K * mc.block_size} tokens"
@@ -644,7 +668,7 @@ def train(mc, tc, log=print):
         "tokens": tokens,
         "time": run.train_time,
         "tok_s": tok_s,
-        "compute_cost": plan_cost(run.stages),
+        "compute_cost": plan_cost(run.stages, run.flops),
         # wall time against a token-level run of the same tokens at this run's own token-stage speed
         "measured_cost": sum(n / v for n, v in zip(tokens, tok_s)) / (sum(tokens) / tok_s[-1]),
         "val_loss": run.history[-1]["val_loss"],

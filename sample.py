@@ -43,11 +43,15 @@ def sample(
     path = os.path.join(out_dir, "ckpt.pt")
     train_first = f"to sample from; train one first (python patchgpt.py --out_dir {out_dir})"
     ckpt = P.load_checkpoint(path, missing=train_first)
-    model = P.GPT(P.GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:  # the model as the run made it; a checkpoint of another version of it is one line
+        tc = P.TrainConfig(**ckpt["train_config"])
+        model = P.make_model(P.GPTConfig(**ckpt["model_config"]), tc)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        raise P.UserError(f"{path} does not fit this model: {' '.join(str(e).split())}") from None
     device = P.pick_device(device)
     model.to(device).eval()
-    stages = P.plan_stages(P.TrainConfig(**ckpt["train_config"]), model.config.block_size)
+    stages = P.plan_stages(tc, model.config.block_size)
     i = ckpt["stage_idx"]  # the stage it would train next: a patch stage, or a token stage not begun
     if i < len(stages) and (stages[i].K > 1 or (i > 0 and ckpt["step"] == 0)):
         log("note: this checkpoint has had no token-level training yet; expect poor samples")

@@ -246,6 +246,7 @@ def ddp_checks(rank, world, port, data_dir, root):
         P.train(TINY, replace(tc, out_dir=f"{root}/unused"), log=quiet)
     except P.UserError as e:
         seen["unused"] = str(e)
+        seen["unused_trained"] = os.path.exists(f"{root}/unused")  # train() makes out_dir before stage 1
     torch.save(seen, f"{root}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -271,5 +272,7 @@ def test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes(dat
     run.raw_model.load_state_dict(whole)
     run.evaluate(run.stages[-1])
     assert r0["val_loss"] == r1["val_loss"] == pytest.approx(run.history[-1]["val_loss"], rel=1e-6)
-    # a parameter that gets no gradient in a stage: one line that names it, not DDP's traceback
+    # a parameter that gets no gradient in a stage: one line that names it, not DDP's traceback, and before
+    # the first stage trains, not after it
     assert r0["unused"] == r1["unused"] == "patch_gain gets no gradient in the token stage, which DDP forbids"
+    assert r0["unused_trained"] is r1["unused_trained"] is False

@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import compare
@@ -183,30 +185,17 @@ def test_stage_plan(K, lam):
     # a patch step reads the same tokens through 1/K of the sequences (each K times longer)
     assert patch.micro_batch * patch.grad_accum * K == token.micro_batch * token.grad_accum == 64
     assert patch.micro_batch <= 16 and token.micro_batch <= 16
-    assert P.plan_cost(stages) == pytest.approx(lam / K + 1 - lam, abs=0.01)  # the paper's formula
 
 
-@pytest.mark.parametrize("K,lam", [(4, 0.67), (2, 0.5), (8, 0.3), (1, 0.0)])
-def test_the_reported_cost_is_the_compute_the_run_did(data_dir, tmp_path, monkeypatch, K, lam):
-    """Counted in the model's training forward passes, whatever the stages are: a learner who changes
-    the plan (a third stage, say) must not be left with a cost from a formula that no longer holds."""
-
-    class Counting(P.GPT):
-        positions = 0
-
-        def forward(self, idx, targets=None, patch_size=1):
-            logits, loss = super().forward(idx, targets, patch_size)
-            if self.training:  # not the evaluations
-                Counting.positions += logits.shape[0] * logits.shape[1]
-            return logits, loss
-
-    monkeypatch.setattr(P, "GPT", Counting)
-    lines = []
-    tc = tiny_train_config(data_dir, tmp_path / "run", k=K, lam=lam, tokens=16 * 16 * 16)
-    summary = P.train(TINY, tc, log=lines.append)
-    assert summary["compute_cost"] == Counting.positions / sum(summary["tokens"])
-    assert f"compute vs token-level training: {summary['compute_cost']:.3f}" in lines[0]
-    assert f"compute {summary['compute_cost']:.3f}," in lines[-2]
+def test_the_paper_s_two_stages_cost_lam_over_k_plus_1_minus_lam(data_dir):
+    """The FLOPs the code computes give the paper's formula, to whole steps, for its two stages."""
+    for K, lam in ((4, 0.67), (2, 0.5), (8, 0.3), (1, 0.0)):
+        run = P.Run(TINY, tiny_train_config(data_dir, "", k=K, lam=lam, tokens=16 * 16 * 16), log=quiet)
+        steps = [s.steps for s in run.stages]
+        assert P.plan_cost(run.stages, run.flops) == pytest.approx(
+            (steps[0] / K + sum(steps[1:])) / sum(steps)
+        )
+        assert P.plan_cost(run.stages, run.flops) == pytest.approx(lam / K + 1 - lam, abs=0.02)
 
 
 def test_plan_splits_micro_steps_across_processes():
@@ -243,7 +232,9 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly_over_the_last_fraction
 
 @pytest.mark.parametrize("schedule", ["restart", "global", "wsd"])
 def test_the_switch_keeps_or_restarts_the_optimizer_and_the_schedule(data_dir, tmp_path, schedule):
-    tc = tiny_train_config(data_dir, tmp_path / schedule, schedule=schedule, tokens=16 * 16 * 12)
+    tc = tiny_train_config(
+        data_dir, tmp_path / schedule, schedule=schedule, tokens=64 * 12, tokens_per_step=64, micro_batch=4
+    )
     lines = []
     P.train(TINY, tc, log=lines.append)
     logged = [float(line.split("| lr ")[1].split()[0]) for line in lines if "| lr " in line]
@@ -314,43 +305,134 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
     P.train(TINY, replace(tc, resume=True, log_interval=3, eval_interval=7), log=quiet)
 
 
+# ---------------------------------------------------------------------------------------------
+# the guarantees, each with every command-line flag turned on: a learner's new flag is checked, no new test
+
+# 3 steps of 4 sequences, 2 of them at K=2: the vocabulary's 50304 logits make every token count
+FLAG_BASE = dict(
+    k=2, lam=0.5, tokens=3 * 64, tokens_per_step=64, micro_batch=4, eval_interval=100, eval_iters=1
+)
+# flags whose runs start from other weights by design: another shape, another seed, a matrix of its own
+OTHER_START = ("block_size", "n_layer", "n_embd", "seed", "untied")
+
+
+def flags_on(data_dir, tmp_path):
+    """(flag, model config, train config) of the tiny run FLAG_BASE with each command-line flag that sets what
+    a run trains turned on: the other bool, the last other choice, twice an integer (1 for 0), half a float
+    (0.5 for 0). A flag of another type needs a value in `paths` here."""
+    other = tmp_path / "other_data"  # the same tokens in another folder
+    other.mkdir(exist_ok=True)
+    for name in ("train.bin", "val.bin"):
+        (other / name).write_bytes((data_dir / name).read_bytes())
+    paths = {"data_dir": str(other), "val_bin": str(data_dir / "train.bin")}
+    mc, tc = TINY, tiny_train_config(data_dir, "", **FLAG_BASE)
+    runs = []
+    for f in fields(P.GPTConfig) + fields(P.TrainConfig):
+        if f.metadata.get("help") is None or f.name in P.RESUMABLE:  # not a flag, or where and how it runs
+            continue
+        model = f in fields(P.GPTConfig)
+        value = getattr(mc if model else tc, f.name)
+        if f.metadata["choices"]:
+            on = [c for c in f.metadata["choices"] if c != value][-1]
+        elif f.type is bool:
+            on = not value
+        elif f.type is int:
+            on = 2 * value or 1
+        elif f.type is float:
+            on = value / 2 or 0.5
+        else:
+            assert f.name in paths, f"--{f.name}: give it a value that turns it on in flags_on()"
+            on = paths[f.name]
+        if model:
+            runs.append((f.name, replace(mc, **{f.name: on}), tc))
+        else:
+            runs.append((f.name, mc, replace(tc, **{f.name: on})))
+    return runs
+
+
 def test_every_run_of_a_seed_starts_from_the_same_weights(data_dir, tmp_path):
-    """compare.py's fairness rests on it: a patch run and its baselines differ in their training alone.
-    A module made for one K or stage alone, or drawn before the GPT, shifts the seed's random stream."""
-    base = tiny_train_config(data_dir, "", k=1, tokens=16 * 16 * 4)
-    ref = P.Run(TINY, base, log=quiet).raw_model.state_dict()
-    for change in (
-        dict(k=2, lam=0.5),
-        dict(k=4, lam=0.25),
-        dict(k=2, lam=0.5, schedule="wsd"),
-        dict(k=2, lam=0.5, schedule="global"),
-    ):
-        start = P.Run(TINY, replace(base, **change), log=quiet).raw_model.state_dict()
-        assert all(torch.equal(start[key], ref[key]) for key in ref), change
-    untied = P.Run(replace(TINY, untied=True), base, log=quiet).raw_model.state_dict()
-    assert all(torch.equal(untied[key], ref[key]) for key in ref if key != "transformer.wte.weight")
-    first = [  # what a user sees of it: the same val loss at step 0
-        P.train(TINY, replace(base, k=k, lam=0.5, out_dir=str(tmp_path / f"k{k}")), log=quiet)["history"][0]
-        for k in (1, 2, 4)
-    ]
-    assert [h["stage"] for h in first] == ["token", "patch", "patch"]
-    assert first[0]["val_loss"] == first[1]["val_loss"] == first[2]["val_loss"]
+    """compare.py's fairness rests on it: with any flag on, a patch run and its K=1 baseline differ in their
+    training alone; and a flag's run starts where the default K=1 run starts, but for another shape, seed or
+    matrix. A module made for one K or stage alone, or drawn before the GPT, shifts the seed's random
+    stream."""
+    default = P.Run(TINY, tiny_train_config(data_dir, "", k=1), log=quiet).raw_model.state_dict()
+    for name, mc, tc in flags_on(data_dir, tmp_path):
+        patch, baseline = P.Run(mc, tc, log=quiet), P.Run(mc, replace(tc, k=1), log=quiet)
+        start, base = patch.raw_model.state_dict(), baseline.raw_model.state_dict()
+        assert all(torch.equal(start[key], base[key]) for key in start.keys() & base.keys()), name
+        if name not in OTHER_START:
+            same = [key for key in start.keys() & default.keys() if start[key].shape == default[key].shape]
+            assert all(torch.equal(start[key], default[key]) for key in same), name
+        for run in (patch, baseline):  # what a user sees of it: the same val loss at step 0
+            run.evaluate(run.stages[0])
+        assert patch.history[0]["val_loss"] == baseline.history[0]["val_loss"], name
+
+
+def test_the_reported_cost_is_the_compute_the_run_did(data_dir, tmp_path, monkeypatch):
+    """Counted in FLOPs in every optimizer step, with each flag on: a learner who adds work (a second forward,
+    K heads) or changes the plan (a third stage) gets it in the printed cost, summary.json and compare.py's
+    equal-compute baseline without a new formula."""
+    steps = []  # the FLOPs of each optimizer step of a run
+    train_step = P.Run.train_step
+
+    def counted(run, stage, lr):  # attention's math kernel is matmuls, which the counter counts
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            loss = train_step(run, stage, lr)
+        steps.append(counter.get_total_flops())
+        return loss
+
+    monkeypatch.setattr(P.Run, "train_step", counted)
+    for name, mc, tc in flags_on(data_dir, tmp_path):
+        steps.clear()
+        lines = []
+        summary = P.train(mc, replace(tc, out_dir=str(tmp_path / name)), log=lines.append)
+        token_step = steps[-1]  # a token-level step: the last stage's
+        token_level = sum(summary["tokens"]) / tc.tokens_per_step * token_step  # the same tokens
+        assert summary["compute_cost"] == pytest.approx(sum(steps) / token_level, rel=1e-9), name
+        assert f"compute vs token-level training: {summary['compute_cost']:.3f}" in lines[0], name
+        assert f"compute {summary['compute_cost']:.3f}," in lines[-2], name
+        # compare.py's equal-compute baseline of this run: as many token-level steps as its FLOPs buy
+        lists = {"k": [tc.k], "lam": [tc.lam], "schedule": [tc.schedule]}
+        tokens = next(n for run, *_, n in compare.plan_runs(mc, tc, lists) if "_cost" in run)
+        baseline = P.plan_stages(replace(tc, k=1, tokens=tokens), mc.block_size)
+        assert abs(baseline[0].steps * token_step - sum(steps)) <= token_step / 2, name
+
+
+# the settings of the tiny run FLAG_BASE as a checkpoint of this version (2026-12) holds them, but its folder
+OLD_SETTINGS = (
+    '{"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "untied": false}',
+    '{"k": 2, "lam": 0.5, "tokens": 192, "tokens_per_step": 64, "micro_batch": 4, "lr": 0.003, '
+    '"min_lr": 0.0003, "warmup_iters": 2, "schedule": "restart", "decay_frac": 0.2, "weight_decay": 0.1, '
+    '"grad_clip": 1.0, "eval_interval": 100, "eval_iters": 1, "log_interval": 1, "val_bin": "", '
+    '"out_dir": "", "device": "cpu", "dtype": "float32", "compile": false, "seed": 7, "resume": false, '
+    '"overwrite": false}',
+)
 
 
 def test_a_checkpoint_from_before_a_new_flag_resumes_while_the_flag_keeps_its_default(data_dir, tmp_path):
-    """A learner adds a flag whose default is the old behaviour: the checkpoints made before it resume as
-    long as the flag stays at its default, and are refused by its name otherwise."""
-    tc = tiny_train_config(data_dir, tmp_path / "run", tokens=16 * 16 * 6)
-    done = P.train(TINY, tc, log=quiet)
+    """A learner adds a flag whose default is the old behaviour, or changes a flag: the checkpoints made
+    before resume as long as the flag stays at its default, and are refused by its name otherwise."""
+    # the run FLAG_BASE as its command line gives it: each setting has its flag's type
+    args = tiny_cli(data_dir, tmp_path / "run", *[f"--{name}={value}" for name, value in FLAG_BASE.items()])
+    mc, tc = P.configs(P.build_parser().parse_args(args[2:]))
+    done = P.train(mc, tc, log=quiet)
     path = os.path.join(tc.out_dir, "ckpt.pt")
     ckpt = P.load_checkpoint(path)
-    del ckpt["train_config"]["decay_frac"], ckpt["model_config"]["untied"]  # as if made before they existed
-    torch.save(ckpt, path)
-    assert P.train(TINY, replace(tc, resume=True), log=quiet)["val_loss"] == done["val_loss"]
-    with pytest.raises(P.UserError, match="made with --decay_frac 0.2, not 0.5"):
-        P.train(TINY, replace(tc, resume=True, decay_frac=0.5), log=quiet)
-    with pytest.raises(P.UserError, match="made with --untied False, not True"):
-        P.train(replace(TINY, untied=True), replace(tc, resume=True), log=quiet)
+    old = [json.loads(text) for text in OLD_SETTINGS]
+    old[1]["data_dir"] = str(data_dir)
+    defaults = {f.name: f.default for f in fields(P.GPTConfig) + fields(P.TrainConfig)}
+    older = [{k: v for k, v in c.items() if v != defaults[k]} for c in old]  # before the flags now at default
+    for model_config, train_config in (old, older):  # made by this version, and by one before its flags
+        torch.save(dict(ckpt, model_config=model_config, train_config=train_config), path)
+        assert P.train(mc, replace(tc, resume=True), log=quiet)["val_loss"] == done["val_loss"]
+    for name, mc_on, tc_on in flags_on(data_dir, tmp_path):
+        if name not in {**older[0], **older[1]}:  # a flag that did not exist then, turned on
+            with pytest.raises(P.UserError, match=f"made with --{name} "):
+                P.train(mc_on, replace(tc_on, resume=True, out_dir=tc.out_dir), log=quiet)
+    # a flag whose type changed: 2 and '2' print alike, so the types are named
+    torch.save(dict(ckpt, train_config=dict(ckpt["train_config"], k="2")), path)
+    with pytest.raises(P.UserError, match=r"made with --k '2' \(str\), not 2 \(int\)"):
+        P.train(mc, replace(tc, resume=True), log=quiet)
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(data_dir, tmp_path, capsys):
@@ -366,6 +448,11 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(data_dir, tmp_path
         torch.save(dict(ckpt, model=weights), out / "ckpt.pt")
         result = refused(capsys, tiny_cli(data_dir, out, "--tokens", "1024", "--resume"))
         assert_refused(result, "the checkpoint does not fit this model", key)
+        result = refused(capsys, [sys.executable, "sample.py", "--out_dir", str(out)])
+        assert_refused(result, "does not fit this model", key)
+    # sample.py builds the model its checkpoint's settings describe: one it does not know is one line too
+    torch.save(dict(ckpt, model_config=dict(ckpt["model_config"], n_experts=4)), out / "ckpt.pt")
+    assert_refused(refused(capsys, [sys.executable, "sample.py", "--out_dir", str(out)]), "n_experts")
 
 
 def test_sampling_from_a_checkpoint(data_dir, tmp_path):
@@ -711,8 +798,8 @@ def test_sample_refusals(tmp_path, capsys):
 
 
 def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
-    N = 16 * 16 * 16
-    tc = tiny_train_config(data_dir, "unused", tokens=N)
+    N = 64 * 16  # 16 steps of 4 sequences
+    tc = tiny_train_config(data_dir, "unused", tokens=N, tokens_per_step=64, micro_batch=4)
     lists = {"k": [2, 4], "lam": [0.5], "schedule": ["restart"]}
     root = str(tmp_path / "cmp")
     lines = []
@@ -728,7 +815,7 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     by = {r["name"]: r["summary"] for r in results}
     assert sum(by["baseline"]["tokens"]) == N and by["baseline"]["stages"] == ["token"]
     for cost in (0.625, 0.75):
-        assert abs(sum(by[f"baseline_cost{cost:g}"]["tokens"]) - cost * N) <= 256 / 2 + 1
+        assert abs(sum(by[f"baseline_cost{cost:g}"]["tokens"]) - cost * N) <= 64 / 2 + 1
     row = next(line for line in lines if line.startswith("patch_k4_lam0.5"))
     assert float(row.split()[4]) == pytest.approx(0.625, rel=0.05)  # the compute column
     gap = by["patch_k4_lam0.5"]["val_loss"] - by["baseline_cost0.625"]["val_loss"]
@@ -752,12 +839,12 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     assert again[0]["extra_val_loss"] == run.history[-1]["val_loss"]
 
 
-def test_compare_plans_schedule_families_and_drops_repeats():
+def test_compare_plans_schedule_families_and_drops_repeats(data_dir):
     args = argparse.Namespace(k="4,2,4", lam="0.5", schedule="restart,global,wsd,wsd")
     lists = compare.parse_lists(args)
     assert lists == {"k": [4, 2], "lam": [0.5], "schedule": ["restart", "global", "wsd"]}
-    tc = P.TrainConfig(tokens=16 * 16 * 16, tokens_per_step=256)
-    runs = compare.plan_runs(tc, lists, 16)
+    tc = tiny_train_config(data_dir, "", tokens=64 * 16, tokens_per_step=64)
+    runs = compare.plan_runs(TINY, tc, lists)
     names = [r[0] for r in runs]
     assert len(names) == len(set(names))
     # restart and global share their one-stage baselines (the same run); wsd has its own
