@@ -285,7 +285,7 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
     P.train(TINY, tc, log=quiet)
     other = tmp_path / "other_data"  # the same tokens elsewhere: another --data_dir all the same
     other.mkdir()
-    for name in ("train.bin", "val.bin"):
+    for name in ("train.bin", "val.bin", "meta.json"):
         (other / name).write_bytes((data_dir / name).read_bytes())
     for change, words in (
         (dict(k=4), "--k 2, not 4"),
@@ -322,7 +322,7 @@ def flags_on(data_dir, tmp_path):
     (0.5 for 0). A flag of another type needs a value in `paths` here."""
     other = tmp_path / "other_data"  # the same tokens in another folder
     other.mkdir(exist_ok=True)
-    for name in ("train.bin", "val.bin"):
+    for name in ("train.bin", "val.bin", "meta.json"):
         (other / name).write_bytes((data_dir / name).read_bytes())
     paths = {"data_dir": str(other), "val_bin": str(data_dir / "train.bin")}
     mc, tc = TINY, tiny_train_config(data_dir, "", **FLAG_BASE)
