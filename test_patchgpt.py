@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -813,20 +814,32 @@ def test_next_patch_loss_never_copies_the_logits_k_times():
     assert peak(repeated, K) > 2 * token_step
 
 
-def test_bench_times_both_stages(data_dir, capsys):
+def test_bench_times_both_stages(data_dir, capsys, monkeypatch):
+    """A clock that a token step moves by 1 s and a patch step by 0.25 s (4x the speed, ideal at K=4):
+    the speeds, the speed-up and a whole run's time are then known exactly."""
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    train_step = P.Run.train_step
+
+    def timed(run, stage, lr):
+        clock[0] += 1.0 if stage.K == 1 else 0.25
+        return train_step(run, stage, lr)
+
+    monkeypatch.setattr(P.Run, "train_step", timed)
     lines = []
     tc = tiny_train_config(data_dir, "", k=4, lam=0.5)
     result = bench.bench(TINY, tc, warmup_steps=1, timed_steps=2, log=lines.append)
     token, patch = result["rows"]
     assert (token["K"], patch["K"]) == (1, 4)
-    assert token["tokens_per_step"] == patch["tokens_per_step"] == 8 * 2 * 16
-    assert all(r["tok_s"] > 0 and r["ms_per_step"] > 0 for r in result["rows"])
+    assert token["tokens_per_step"] == patch["tokens_per_step"] == 256
+    assert (token["ms_per_step"], token["tok_s"]) == (1000.0, 256.0)  # the timed steps alone
+    assert (patch["ms_per_step"], patch["tok_s"]) == (250.0, 1024.0)
     # weights, AdamW's two moments and the gradients are alive at the peak, activations on top
     weights = sum(p.numel() * 4 for p in P.GPT(TINY).parameters()) / 2**30
     assert all(r["peak_mem_gb"] > 4 * weights for r in result["rows"])
-    assert result["speedup"] == pytest.approx(patch["tok_s"] / token["tok_s"])
-    assert result["run_ratio"] == pytest.approx(0.5 * token["tok_s"] / patch["tok_s"] + 0.5)
-    assert any(line.startswith("whole run --k 4") for line in lines)
+    assert (result["speedup"], result["run_ratio"]) == (4.0, 0.625)  # half the tokens 4x as fast
+    assert "speed-up over the token stage: 4.00x (ideal K = 4)" in lines[-2]
+    assert lines[-1].startswith("whole run --k 4 --lam 0.5: wall time 0.625 of token-level training")
     cmd = tiny_cli(data_dir, "", "--timed_steps", "0", script="bench.py")
     assert_refused(refused(capsys, cmd), "--timed_steps >= 1")
 
