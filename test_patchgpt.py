@@ -288,10 +288,27 @@ def test_two_stage_run_learns_checkpoints_and_resumes(data_dir, tmp_path):
         P.train(TINY, tc, log=quiet)
 
 
-def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
+def stop_at(monkeypatch, stage_name, steps_done):
+    """A SIGTERM to this process during the step after steps_done of that stage, as a job scheduler would
+    send it: the run saves at the end of the step, and train() raises KeyboardInterrupt."""
+    train_step = P.Run.train_step
+
+    def signalled(run, stage, lr):
+        if (stage.name, run.step) == (stage_name, steps_done):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(run, stage, lr)
+
+    monkeypatch.setattr(P.Run, "train_step", signalled)
+
+
+def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path, monkeypatch):
+    whole = tiny_train_config(data_dir, tmp_path / "whole", tokens=16 * 16 * 6)  # 3 patch, 3 token steps
+    done = P.train(TINY, whole, log=quiet)
     out = tmp_path / "run"
-    tc = tiny_train_config(data_dir, out, tokens=16 * 16 * 6)
-    P.train(TINY, tc, log=quiet)
+    tc = replace(whole, out_dir=str(out))
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):  # stopped mid-run, after 2 steps
+        stop_at(m, "patch", 1)
+        P.train(TINY, tc, log=quiet)
     other = tmp_path / "other_data"  # the same tokens elsewhere: another --data_dir all the same
     other.mkdir()
     for name in ("train.bin", "val.bin"):
@@ -310,8 +327,23 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path):
         P.train(replace(TINY, n_embd=64), replace(tc, resume=True), log=quiet)
     with pytest.raises(P.UserError, match="--untied False, not True"):
         P.train(replace(TINY, untied=True), replace(tc, resume=True), log=quiet)
-    # what changes neither the weights nor the evaluation may change
-    P.train(TINY, replace(tc, resume=True, log_interval=3, eval_interval=7), log=quiet)
+    # what changes neither the weights nor the evaluation may change, mid-run: the intervals, and --device
+    # and --compile (the checkpoint made as on a GPU with --compile, resumed here on the CPU without)
+    path = out / "ckpt.pt"
+    ckpt = P.load_checkpoint(str(path))
+    assert (ckpt["stage_idx"], ckpt["step"]) == (0, 2)
+    ckpt["train_config"].update(device="cuda", compile=True)
+    torch.save(ckpt, path)
+    lines = []
+    resumed = P.train(TINY, replace(tc, resume=True, log_interval=2, eval_interval=7), log=lines.append)
+    assert f"resumed from {path}: stage 1, step 2" in lines
+    progress = [
+        line.split(" | ")[0] for line in lines if " | tokens " in line
+    ]  # every 2nd step, and the last
+    assert progress == ["patch K=2 step 3/3", "token K=1 step 2/3", "token K=1 step 3/3"]
+    assert resumed["history"] == done["history"]  # on a CPU: bit for bit
+    expected = final_weights(whole.out_dir)
+    assert all(torch.equal(w, expected[key]) for key, w in final_weights(out).items())
 
 
 def test_every_run_of_a_seed_starts_from_the_same_weights(data_dir, tmp_path):
