@@ -515,9 +515,8 @@ def test_the_same_command_gives_the_same_weights_on_a_busy_machine(
     "marker,load",
     [
         ("patch K=2 step 7/30 ", None),
-        ("patch K=2 step 30/30 ", None),  # the switch
+        ("patch K=2 step 30/30 ", "busy_machine"),  # the switch, with a CPU-bound process beside it
         ("token K=1 step 12/30 ", None),
-        ("patch K=2 step 30/30 ", "busy_machine"),
     ],
 )
 def test_sigkill_then_resume_gives_identical_weights(
@@ -534,15 +533,30 @@ def test_sigkill_then_resume_gives_identical_weights(
     assert_same_run(out, reference_run)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(data_dir, tmp_path, sig):
+def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(data_dir, tmp_path, reference_run):
+    """Ctrl-C in the patch stage, then SIGTERM in the resumed run's token stage: each saves at the end of
+    the step it came in, without evaluating (torchrun's kill would not wait), and the run ends as if
+    never stopped."""
     out = tmp_path / "run"
-    args = ["--k", "2", "--lam", "0.5", "--tokens", str(16 * 16 * 200)]
-    rc, printed = kill_when(tiny_cli(data_dir, out, *args), "patch K=2 step 13/", sig)
-    assert rc == 130, printed
-    assert f"interrupted; {out}/ckpt.pt continues with --resume" in printed
-    ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["stage_idx"] == 0 and 13 <= ckpt["step"] < 100  # saved mid-interval, not at an eval
+    cmd = tiny_cli(data_dir, out, *KILL_ARGS)
+    for i, (sig, stage, at) in enumerate(
+        ((signal.SIGINT, "patch K=2", 13), (signal.SIGTERM, "token K=1", 12))
+    ):
+        rc, printed = kill_when(cmd, f"{stage} step {at}/", sig)
+        assert rc == 130, printed
+        assert f"interrupted; {out}/ckpt.pt continues with --resume" in printed
+        ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
+        step = ckpt["step"]
+        after = printed[printed.index(f"{sig.name}: saving a checkpoint at the end of this step") :]
+        first = next(line for line in after.splitlines() if " | tokens " in line)  # the step it came in
+        assert ckpt["stage_idx"] == i and first.startswith(f"{stage} step {step}/30 "), after
+        # no evaluation at the stop: the last is an earlier step's, and one due now is the resumed run's
+        assert [h["step"] for h in ckpt["history"] if stage.startswith(h["stage"])][-1] < step
+        assert ckpt["eval_due"] == (step % 5 == 0)
+        cmd = tiny_cli(data_dir, out, *KILL_ARGS, "--resume")
+    resumed = run_cli(cmd)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    assert_same_run(out, reference_run)
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_so(data_dir, tmp_path, capsys, monkeypatch):
