@@ -930,12 +930,16 @@ def test_the_gpu_script_runs_end_to_end_on_cpu(data_dir, tmp_path):
 def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
     other_val = tmp_path / "other_val.bin"
     np.fromfile(data_dir / "train.bin", dtype=np.uint16)[:4000].tofile(other_val)  # a different text
-    tc = tiny_train_config(data_dir, tmp_path / "a", tokens=16 * 16 * 4)
-    own = P.train(TINY, tc, log=quiet)
-    sep = P.train(TINY, replace(tc, out_dir=str(tmp_path / "b"), val_bin=str(other_val)), log=quiet)
-    run = P.Run(TINY, replace(tc, val_bin=str(other_val)), log=quiet)
-    assert len(run.val_data) == 4000
-    assert sep["val_loss"] != own["val_loss"]  # same weights (same seed), another evaluation set
+    tc = tiny_train_config(data_dir, tmp_path / "run", tokens=16 * 16 * 4, val_bin=str(other_val))
+    summary = P.train(TINY, tc, log=quiet)
+
+    def evaluation(val_bin):  # of the run's final weights, on that file ("": data_dir/val.bin)
+        run = P.Run(TINY, replace(tc, val_bin=val_bin), log=quiet)
+        run.raw_model.load_state_dict(final_weights(tc.out_dir))
+        run.evaluate(run.stages[-1])
+        return run.history[-1]["val_loss"]
+
+    assert summary["val_loss"] == evaluation(str(other_val)) != evaluation("")
 
 
 # ---------------------------------------------------------------------------------------------
