@@ -2,6 +2,9 @@
 ships in assets/, tokenized with the shipped gpt2 files: nothing here needs the network or ../shared."""
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import signal
@@ -819,6 +822,61 @@ def test_compare_refuses_a_bad_list_value_before_training(data_dir, tmp_path, ca
     cmd = tiny_cli(data_dir, tmp_path / "cmp", "--k", "2,0", script="compare.py")
     assert_refused(refused(capsys, cmd), "--k must be in [1, 1024], got 0")
     assert not (tmp_path / "cmp").exists()
+
+
+@pytest.fixture(scope="module")
+def compare_cli(data_dir, tmp_path_factory):
+    """`python compare.py --k 2 --lam 0.5` with other patchgpt.py flags (the tiny model, --untied, --seed,
+    --tokens, ...), run once for the tests below: (its --out_dir, what it printed)."""
+    root = tmp_path_factory.mktemp("compare") / "cmp"
+    cmd = tiny_cli(
+        data_dir, root, "--k", "2", "--lam", "0.5", "--tokens", "1024", "--untied", script="compare.py"
+    )
+    printed = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # main() sets it line-buffered
+    with contextlib.redirect_stdout(printed):
+        P.main(cmd[2:], parser=compare.build_parser(), action=compare.run)
+    printed.flush()
+    return root, printed.buffer.getvalue().decode()
+
+
+def test_compare_command_line_passes_flags_through_and_reports(compare_cli):
+    root, printed = compare_cli
+    with open(root / "results.json") as f:
+        results = json.load(f)["results"]
+    names = ["baseline", "patch_k2_lam0.5", "baseline_cost0.75"]
+    assert [r["name"] for r in results] == names
+    assert [sum(r["summary"]["tokens"]) for r in results] == [1024, 1024, 768]
+    for r in results:  # every run trained with the flags given, not with patchgpt.py's defaults
+        ckpt = P.load_checkpoint(str(root / r["name"] / "ckpt.pt"))
+        config = {**ckpt["model_config"], **ckpt["train_config"]}
+        assert config["n_layer"] == 2 and config["n_embd"] == 32 and config["untied"], r["name"]
+        given = dict(seed=7, lr=3e-3, eval_iters=2, tokens_per_step=256, warmup_iters=2)
+        assert {key: config[key] for key in given} == given, r["name"]
+    header = next(i for i, line in enumerate(printed.splitlines()) if line.startswith("run "))
+    table = printed.splitlines()[header : header + 4]
+    assert table[0].split()[:4] == ["run", "tokens", "val", "loss"] and "gap same compute" in table[0]
+    for line, r in zip(table[1:], results):  # a row per run, with its tokens and final val loss
+        summary = r["summary"]
+        assert line.split()[:3] == [r["name"], f"{sum(summary['tokens']):,}", f"{summary['val_loss']:.4f}"]
+    gap = results[1]["summary"]["val_loss"] - results[2]["summary"]["val_loss"]
+    assert table[2].split()[-1] == f"{gap:+.4f}"  # the patch run against its equal-compute baseline
+    if importlib.util.find_spec("matplotlib") is None:  # optional: the plot is left out, and it says so
+        assert "matplotlib is not installed: no plot" in printed and not (root / "compare.png").exists()
+
+
+def test_compare_draws_compare_png(compare_cli):
+    if importlib.util.find_spec("matplotlib") is None:  # CI installs it (.ci/run), and runs this test
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("matplotlib (optional) is not installed")
+    import matplotlib.image
+
+    root, printed = compare_cli
+    assert f"wrote {root / 'compare.png'}" in printed
+    image = matplotlib.image.imread(root / "compare.png")
+    assert image.shape == (528, 1320, 4)  # 12 x 4.8 inches at 110 dpi
+    # each run's curves in its own colour, matplotlib's first three: more pixels than its legend entry
+    # (about 50), which was all there was of them when losses above the unigram's put the curves off the plot
+    for colour in ((0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17)):
+        assert (np.abs(image[..., :3] - colour).max(axis=-1) < 0.02).sum() > 300, colour
 
 
 # ---------------------------------------------------------------------------------------------
