@@ -403,11 +403,29 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(data_dir, tmp_path
         assert_refused(result, "the checkpoint does not fit this model", key)
 
 
-def test_sampling_from_a_checkpoint(data_dir, tmp_path):
+def test_sampling_from_a_checkpoint(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     P.train(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 4), log=quiet)
-    texts = sample.sample(str(out), "ROMEO:", 2, 10, 1.0, 50, "cpu", 0, log=quiet)
-    assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) > len("ROMEO:") for t in texts)
+
+    def samples(*flags):  # python sample.py --out_dir OUT --prompt ROMEO: --num_samples 2 ... FLAGS
+        cmd = ["--out_dir", str(out), "--prompt", "ROMEO:", "--num_samples", "2", "--max_new_tokens", "10"]
+        P.main([*cmd, "--device", "cpu", *flags], parser=sample.build_parser(), action=sample.run)
+        texts = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")  # each sample, then a rule
+        assert texts.pop() == "" and len(texts) == 2
+        assert all(t.startswith("ROMEO:") and len(t) > len("ROMEO:") for t in texts)
+        return texts
+
+    first = samples("--seed", "0")
+    assert first[0] != first[1] and samples("--seed", "0") == first != samples("--seed", "1")
+    # --top_k 1: the likeliest token every time, whatever the seed; so does a temperature near 0 (this
+    # barely trained model's likeliest tokens lead the next by 0.007 or more: 70 nats at 1e-4)
+    greedy = samples("--seed", "0", "--top_k", "1")
+    assert greedy[0] == greedy[1] == samples("--seed", "1", "--top_k", "1")[0] and greedy != first
+    assert (
+        samples("--seed", "0", "--temperature", "1e-4")
+        == greedy
+        == samples("--seed", "1", "--temperature", "1e-4")
+    )
 
 
 def test_sampling_never_draws_a_padding_id():
