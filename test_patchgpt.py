@@ -3,6 +3,7 @@ ships in assets/, tokenized with the shipped gpt2 files: nothing here needs the 
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import io
 import json
@@ -22,6 +23,7 @@ import bench
 import compare
 import patchgpt as P
 import sample
+from test_prepare_data import SHAKESPEARE_SHA256, SHAKESPEARE_TOKENS, offline_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = P.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -1023,13 +1025,9 @@ def test_a_separate_val_bin_is_what_gets_evaluated(data_dir, tmp_path):
 
 
 def test_default_run_and_sampling_work_offline_from_a_fresh_folder(tmp_path):
-    offline = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
-    offline.update(
-        TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"),
-        PYTHONUNBUFFERED="1",
-        **dict.fromkeys(("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"), "http://127.0.0.1:9"),
-    )
-    os.makedirs(offline["TIKTOKEN_CACHE_DIR"])
+    """No network, nothing in tiktoken's cache: `python patchgpt.py` prepares the shipped Tiny Shakespeare
+    into the same tokens as ever (the one test that tokenizes all of it), trains, and sample.py samples."""
+    offline = dict(offline_env(tmp_path), PYTHONUNBUFFERED="1")
     small = [
         "--n_layer",
         "1",
@@ -1054,7 +1052,23 @@ def test_default_run_and_sampling_work_offline_from_a_fresh_folder(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=offline, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "preparing Tiny Shakespeare" in run.stdout and "final token-level val loss" in run.stdout
-    assert (tmp_path / "data" / "tinyshakespeare" / "train.bin").stat().st_size == 2 * 301_966
+    data = tmp_path / "data" / "tinyshakespeare"
+    assert sorted(os.listdir(data)) == ["meta.json", "train.bin", "val.bin"]
+    for split in ("train", "val"):  # what prepare_data.py made of it before its rewrite
+        assert hashlib.sha256((data / f"{split}.bin").read_bytes()).hexdigest() == SHAKESPEARE_SHA256[split]
+    assert json.loads((data / "meta.json").read_text()) == {
+        "tokenizer": "gpt2",
+        "vocab_size": 50257,
+        "eot_token": 50256,
+        "dtype": "uint16",
+        "train_tokens": SHAKESPEARE_TOKENS["train"],
+        "val_tokens": SHAKESPEARE_TOKENS["val"],
+        "source": "assets/tinyshakespeare.txt.gz",
+        "val_source": None,
+        "val_frac": 0.1,
+    }
+    assert "train: 301,966 tokens" in run.stdout and "val: 36,060 tokens" in run.stdout
+    assert os.listdir(offline["TIKTOKEN_CACHE_DIR"]) == []  # nothing downloaded, nothing copied there
     cmd = [
         sys.executable,
         os.path.join(HERE, "sample.py"),

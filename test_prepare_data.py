@@ -110,38 +110,9 @@ def offline_env(tmp_path):
 # ----------------------------------------------------------------------------- what comes out
 
 
-def test_tinyshakespeare_offline_first_run_gives_todays_tokens(tmp_path):
-    """A fresh clone, no network, nothing cached: `python prepare_data.py` makes the same files as before."""
-    env = offline_env(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "data" / "tinyshakespeare"
-    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
-    for split in ("train", "val"):
-        assert hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest() == SHAKESPEARE_SHA256[split]
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta == {
-        "tokenizer": "gpt2",
-        "vocab_size": 50257,
-        "eot_token": 50256,
-        "dtype": "uint16",
-        "train_tokens": SHAKESPEARE_TOKENS["train"],
-        "val_tokens": SHAKESPEARE_TOKENS["val"],
-        "source": "assets/tinyshakespeare.txt.gz",
-        "val_source": None,
-        "val_frac": 0.1,
-    }
-    assert "train: 301,966 tokens" in proc.stdout and "val: 36,060 tokens" in proc.stdout
-    assert os.listdir(env["TIKTOKEN_CACHE_DIR"]) == []  # nothing downloaded, nothing copied there
-    # exactly the tokens of --input on the same text
-    write(tmp_path / "shakespeare.txt", shakespeare())
-    args = [sys.executable, SCRIPT, "--input", "shakespeare.txt"]
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    for name in ("train.bin", "val.bin"):
-        assert (tmp_path / "data" / "shakespeare" / name).read_bytes() == (out / name).read_bytes()
+# The default run offline (`python prepare_data.py`: today's tokens, meta.json, nothing in tiktoken's cache)
+# is checked where patchgpt.py makes it on a user's first run, so that Tiny Shakespeare is tokenized once:
+# test_patchgpt.py::test_default_run_and_sampling_work_offline_from_a_fresh_folder
 
 
 @pytest.mark.parametrize("chunk_chars", [64, None])  # None: the real 1M characters
