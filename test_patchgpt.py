@@ -342,13 +342,12 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path, monkeypat
     lines = []
     resumed = P.train(TINY, replace(tc, resume=True, log_interval=2, eval_interval=7), log=lines.append)
     assert f"resumed from {path}: stage 1, step 2" in lines
-    progress = [
-        line.split(" | ")[0] for line in lines if " | tokens " in line
-    ]  # every 2nd step, and the last
+    # a progress line every 2nd step and at a stage's end
+    progress = [line.split(" | ")[0] for line in lines if " | tokens " in line]
     assert progress == ["patch K=2 step 3/3", "token K=1 step 2/3", "token K=1 step 3/3"]
     assert resumed["history"] == done["history"]  # on a CPU: bit for bit
-    expected = final_weights(whole.out_dir)
-    assert all(torch.equal(w, expected[key]) for key, w in final_weights(out).items())
+    got, expected = final_weights(out), final_weights(whole.out_dir)
+    assert all(torch.equal(got[key], weights) for key, weights in expected.items())
 
 
 def test_every_run_of_a_seed_starts_from_the_same_weights(data_dir, tmp_path):
