@@ -62,11 +62,41 @@ EOF
 
 echo "== 3. SIGTERM in the token stage, then --resume, against the same run never stopped"
 SMALL=${SMALL:---n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --tokens 2e5 --tokens_per_step 2048}
-SMALL="--k 4 --lam 0.67 --data_dir $DATA --device $DEVICE $SMALL --eval_interval 1000 --log_interval 5"
+SMALL="--k 4 --lam 0.67 --data_dir $DATA --device $DEVICE $SMALL --eval_interval 1000 --log_interval 1"
 $PY patchgpt.py $SMALL --out_dir "$RUNS/whole" --overwrite | tail -1 | tee "$OUT/resume.txt"
-$PY patchgpt.py $SMALL --out_dir "$RUNS/stopped" --overwrite >"$RUNS/stopped.log" 2>&1 &
-pid=$!
-while kill -0 $pid 2>/dev/null && ! grep -q "token K=1 step 5/" "$RUNS/stopped.log"; do sleep 0.1; done
-kill -TERM $pid 2>/dev/null || true
-wait $pid || true  # exit code 130 when the signal came in time
+# The stop lands inside the token stage by construction, not by speed (a loop that looked for the token
+# stage's first line every 0.1 s was a race: a fast device ended the run first). The run prints a line a
+# step into a socket whose buffer holds only a few lines, and nothing reads it from that first line until
+# the SIGTERM is sent: a run with more steps left than the buffer holds lines waits there for the signal.
+$PY - "$RUNS/stopped.log" $PY patchgpt.py $SMALL --out_dir "$RUNS/stopped" --overwrite <<'EOF'
+import os, re, signal, socket, subprocess, sys
+log, cmd = sys.argv[1], sys.argv[2:]
+def small_socket():
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's smallest send buffer
+    return ours, theirs
+probe, full = small_socket()
+full.setblocking(False)
+fits = 0  # the lines of 70 bytes (the shortest progress line) its buffer takes
+while fits < 1000:
+    try:
+        full.send(b"x" * 69 + b"\n")
+    except BlockingIOError:
+        break
+    fits += 1
+ours, theirs = small_socket()
+proc = subprocess.Popen(cmd, stdout=theirs, stderr=subprocess.STDOUT)
+theirs.close()
+with open(ours.detach(), "rb", buffering=0) as run, open(log, "wb") as out:  # unbuffered: reads a line, no more
+    for line in run:
+        out.write(line)
+        steps = re.match(rb"plan: token stage K=1: (\d+) steps", line)
+        if steps and int(steps[1]) - 2 <= fits:  # the last step checks for a stop before its line
+            proc.kill()
+            sys.exit(f"the token stage is shorter than the {fits} lines a socket holds: raise --tokens in SMALL")
+        if line.startswith(b"token K=1 step 1/"):
+            proc.send_signal(signal.SIGTERM)
+if proc.wait() != 130:
+    sys.exit(f"the run stopped by SIGTERM ended with exit code {proc.returncode}, not 130: see {log}")
+EOF
 $PY patchgpt.py $SMALL --out_dir "$RUNS/stopped" --resume | grep -E "^resumed|^final" | tee -a "$OUT/resume.txt"

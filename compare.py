@@ -209,7 +209,8 @@ def curve(r):
 
 def plot(results, tc, path, log=print):
     """Token-level val loss against training tokens and against compute. The y axis starts just above
-    the loss of the training data's unigram distribution, so the curves' differences are not squashed."""
+    the loss of the training data's unigram distribution, so the curves' differences are not squashed
+    (for runs that never went below it, at their highest loss)."""
     try:
         import matplotlib
 
@@ -221,7 +222,10 @@ def plot(results, tc, path, log=print):
     counts = np.bincount(np.memmap(os.path.join(tc.data_dir, "train.bin"), dtype=np.uint16, mode="r"))
     p = counts[counts > 0] / counts.sum()
     unigram = float(-(p * np.log(p)).sum())  # the loss of predicting every token by its frequency alone
-    lowest = min(h["val_loss"] for r in results for h in r["summary"]["history"])
+    losses = [h["val_loss"] for r in results for h in r["summary"]["history"]]
+    lowest = min(losses)
+    # runs that never got below the unigram loss (short ones) would be off the plot, upside down: all of it
+    top = unigram + 0.3 if lowest < unigram else max(losses) + 0.05
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, r in enumerate(results):
         pts = curve(r)
@@ -237,7 +241,7 @@ def plot(results, tc, path, log=print):
                 )
             ax.plot([q[x] for q in pts[switch:]], [q[2] for q in pts[switch:]], "-", **style)
     for ax, xlabel in zip(axes, ("training tokens", "training compute (positions: a patch is one)")):
-        ax.set(xlabel=xlabel, ylabel="token-level val loss", ylim=(lowest - 0.05, unigram + 0.3))
+        ax.set(xlabel=xlabel, ylabel="token-level val loss", ylim=(lowest - 0.05, top))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     fig.suptitle(
