@@ -785,7 +785,9 @@ def test_an_out_dir_that_is_a_file_or_a_full_disk_is_one_line(data_dir, tmp_path
     # as it was, with no temp file beside it
     real_open, opened = open, []
 
-    def disk_fills(path, mode):
+    def disk_fills(path, mode="r", **kw):
+        if "w" not in mode:  # a read (the data's meta.json) finds the disk as it is
+            return real_open(path, mode, **kw)
         opened.append(path)
         return real_open(path if len(opened) == 1 else "/dev/full", mode)
 
