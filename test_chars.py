@@ -43,34 +43,14 @@ def test_chars_of_a_folder_and_a_val_input_and_the_refusal_of_an_unknown_charact
     (tmp_path / "books" / "b.txt").write_text("ba c\n")
     (tmp_path / "val.txt").write_text("cab é")
     out = tmp_path / "out"
-    prepare_data.main(
-        [
-            "--chars",
-            "--input",
-            f"{tmp_path}/books",
-            "--val_input",
-            f"{tmp_path}/val.txt",
-            "--out_dir",
-            str(out),
-        ]
-    )
+    args = f"--chars --input {tmp_path}/books --val_input {tmp_path}/val.txt --out_dir {out}".split()
+    prepare_data.main(args)
     assert json.loads((out / "meta.json").read_text())["chars"] == "\n abcé"  # documents joined, no mark
     assert decode(out, "train.bin") == "ab\né\nba c\n" and decode(out, "val.bin") == "cab é"
     before = {name: (out / name).read_bytes() for name in prepare_data.OUTPUTS}
     (tmp_path / "val.txt").write_text("abz!")  # characters the training text lacks
     with pytest.raises(SystemExit) as exit_info:
-        prepare_data.main(
-            [
-                "--chars",
-                "--input",
-                f"{tmp_path}/books",
-                "--val_input",
-                f"{tmp_path}/val.txt",
-                "--out_dir",
-                str(out),
-                "--force",
-            ]
-        )
+        prepare_data.main(args + ["--force"])
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         exit_info.value.code == 2
