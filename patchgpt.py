@@ -18,6 +18,7 @@ Sampling, comparisons and benchmarks: sample.py, compare.py, bench.py.
 import argparse
 import contextlib
 import ctypes
+import gc
 import io
 import json
 import math
@@ -36,6 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+if torch.distributed.is_available():  # before any process group exists: end_processes() says why
+    import torch.distributed.nn  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # config: every field is a command-line flag of the same name; validate() checks their ranges
@@ -104,6 +108,10 @@ RESUMABLE = ("out_dir", "device", "compile", "resume", "overwrite", "eval_interv
 
 class UserError(Exception):
     """Bad input (or a diverged run): main() prints it as one line, exit code 2, nothing overwritten."""
+
+
+class Ended(Exception):
+    """Another torchrun process stopped with an error (it prints the line): this one stops with it."""
 
 
 def validate(mc, tc):
@@ -382,8 +390,6 @@ class Run:
     (stage_idx, step, tokens_seen, history, train_time): together, all that a checkpoint holds."""
 
     def __init__(self, mc, tc, log=print):
-        self.vocab = read_vocab(tc.data_dir)  # the data decides the model's vocabulary
-        self.mc = mc = fit_vocab(mc, self.vocab)
         self.tc = tc
         self.world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
         self.rank = int(os.environ.get("RANK", 0))
@@ -402,8 +408,11 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on an Ampere GPU's tensor cores
         self.stages = plan_stages(tc, mc.block_size, self.world)
         need = (mc.block_size + 1) * tc.k  # tokens in one sequence and its target
-        self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), need, self.vocab)
-        self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), need, self.vocab)
+        with together(self):  # before DDP's first collective, below
+            self.vocab = read_vocab(tc.data_dir)  # the data decides the model's vocabulary
+            self.mc = mc = fit_vocab(mc, self.vocab)
+            self.train_data = load_tokens(os.path.join(tc.data_dir, "train.bin"), need, self.vocab)
+            self.val_data = load_tokens(tc.val_bin or os.path.join(tc.data_dir, "val.bin"), need, self.vocab)
         # fixed evaluation windows, from their own generator so that evaluating never shifts training
         eval_rng = np.random.default_rng(tc.seed + 1)
         n_eval = tc.eval_iters * tc.micro_batch
@@ -431,8 +440,11 @@ class Run:
         self.flops = self.count_flops()  # FLOPs per token of each stage, the measure of the run's cost
 
     def save(self):
-        if not self.master:
-            return
+        with together(self):  # every process waits for rank 0's write, and stops with it on a full disk
+            if self.master:
+                self.write_checkpoint()
+
+    def write_checkpoint(self):
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             "model_config": asdict(self.mc),
@@ -573,9 +585,7 @@ class Run:
         )
         if stop:  # save now, without the evaluation that may be due: torchrun's kill does not wait for one
             self.eval_due = at_eval  # the resumed run makes it first
-            self.save()
-            if self.ddp:  # torchrun ends every process when one exits: wait until rank 0 has saved
-                torch.distributed.barrier()
+            self.save()  # every process waits for rank 0's save: torchrun ends all when one exits
             raise KeyboardInterrupt
         if at_eval:
             self.evaluate(stage)
@@ -627,18 +637,20 @@ def train(mc, tc, log=print):
     """One run, new or resumed (tc.resume): the patch stage, then the token stage, or the baseline
     alone. Returns its summary, also written to out_dir/summary.json (None on DDP's other processes)."""
     tc = resolve_dtype(tc)
+    run = Run(mc, tc, log)  # first: it joins torchrun's processes, which then stop together on bad input
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not (tc.resume or tc.overwrite):
-        raise UserError(f"{tc.out_dir} holds a run: --resume continues it, --overwrite starts over")
-    ckpt = load_checkpoint(ckpt_path) if tc.resume else None
-    run = Run(mc, tc, log)
-    if ckpt:
-        run.load(ckpt)
-    if run.master:
-        os.makedirs(tc.out_dir, exist_ok=True)
-        for name in os.listdir(tc.out_dir):  # a kill mid-write leaves a temp file; --overwrite, an old run
-            if re.fullmatch(r".+\.tmp\d+", name) or (not ckpt and name in ("ckpt.pt", "summary.json")):
-                os.remove(os.path.join(tc.out_dir, name))
+    with together(run):
+        if os.path.exists(ckpt_path) and not (tc.resume or tc.overwrite):
+            raise UserError(f"{tc.out_dir} holds a run: --resume continues it, --overwrite starts over")
+        ckpt = load_checkpoint(ckpt_path) if tc.resume else None
+        if ckpt:
+            run.load(ckpt)
+        if run.master:
+            os.makedirs(tc.out_dir, exist_ok=True)
+            # a kill mid-write leaves a temp file; --overwrite, an old run
+            for name in os.listdir(tc.out_dir):
+                if re.fullmatch(r".+\.tmp\d+", name) or (not ckpt and name in ("ckpt.pt", "summary.json")):
+                    os.remove(os.path.join(tc.out_dir, name))
     n_params = sum(p.numel() for p in run.raw_model.parameters())
     where = f"{run.device} x {run.world}" if run.ddp else run.device
     cost = f"compute vs token-level training: {plan_cost(run.stages, run.flops):.3f}"
@@ -749,6 +761,47 @@ def ctrl_c_saves(run):
             signal.signal(s, handler)
 
 
+def gather(value):
+    """value from every torchrun process, in rank order (a collective: every process must call it)."""
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+@contextlib.contextmanager
+def together(run):
+    """A block that every torchrun process leaves at the same point: an error in one (a file that it alone
+    cannot read or write) stops the others here too, with Ended, instead of leaving them to wait for it in
+    their next collective. One small collective: for setup and saves, not every step."""
+    try:
+        yield
+    except BaseException:
+        if run.ddp:
+            gather(True)
+        raise
+    if run.ddp and any(gather(False)):
+        raise Ended
+
+
+def end_processes(code):
+    """The one ending of a torchrun run: every process gives its exit code and waits here for all the
+    others, then all exit with the highest code, and the first process that has it prints the line.
+    Returns that code and whether this process prints."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return code, True
+    codes = gather(code)
+    says_why = codes.index(max(codes)) == torch.distributed.get_rank()
+    # gloo's worker threads must end before Python shuts down: one lets go of a collective's tensors after
+    # the call has returned, which takes Python's lock, and once Python is shutting down that aborts the
+    # process (SIGABRT, "terminate called without an active exception": rank 1 exited just after its last
+    # collective, issue 30). They end when the process group is freed, by destroy_process_group() if
+    # nothing else holds it: not the DDP model (in reference cycles: collected here), nor the defaults of
+    # torch.distributed.nn's functions (they hold the group alive when it is imported: imported before)
+    gc.collect()
+    torch.distributed.destroy_process_group()
+    return max(codes), says_why
+
+
 def keep_freed_memory():
     """1.4x-1.8x faster steps on 2 CPU cores (bench.py): glibc gives blocks over 32 MB (the logits:
     200 MB) back to the OS when they are freed, and maps them anew; these settings keep them."""
@@ -851,25 +904,30 @@ def die(msg, prog="patchgpt", code=2):
 
 
 def main(argv=None, parser=None, action=None):
-    """Parse, check, run; any expected failure is one line on stderr and exit code 2 (130: Ctrl-C).
-    compare.py, bench.py and sample.py pass their own parser and action."""
+    """Parse, check, run; any expected failure is one line on stderr and exit code 2 (130: Ctrl-C), the
+    same code for every torchrun process (end_processes). compare.py, bench.py and sample.py pass their
+    own parser and action."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # so that `| tee` and log files show progress at once
     keep_freed_memory()
+    result, code, error = None, 0, None
     try:
-        if action:
-            return action(args)
-        return train(*configs(args))
+        result = action(args) if action else train(*configs(args))
     except UserError as e:
-        die(e, parser.prog)
+        code, error = 2, str(e)  # not e: its traceback holds the run, and with it the process group
     except OSError as e:  # a full disk, a read-only folder, an --out_dir that is a file: one line
-        die(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", parser.prog)
+        code, error = 2, f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
     except KeyboardInterrupt as e:
-        die(f"interrupted{f'; {e}' if str(e) else ''}", parser.prog, code=130)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        code, error = 130, f"interrupted{f'; {e}' if str(e) else ''}"
+    except Ended:  # the process that stopped first gives the code and the line
+        pass
+    code, says_why = end_processes(code)
+    if code and says_why:
+        die(error, parser.prog, code)
+    if code:
+        sys.exit(code)
+    return result
 
 
 if __name__ == "__main__":
