@@ -2,10 +2,14 @@
 autocast, the device choices that need no hardware to check, and DDP with two gloo processes as
 torchrun would start them. What needs a GPU itself is measured by bench_gpu.sh, not tested here."""
 
+import contextlib
+import errno
+import io
 import math
 import os
 import signal
 import socket
+import time
 import types
 from dataclasses import replace
 
@@ -15,7 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import bench
 import patchgpt as P
-from test_patchgpt import TINY, final_weights, quiet, tiny_train_config
+from test_patchgpt import TINY, final_weights, quiet, tiny_cli, tiny_train_config
 
 # ---------------------------------------------------------------------------------------------
 # --compile and --dtype bfloat16
@@ -129,12 +133,22 @@ def test_mfu_peaks_match_gpu_names_by_whole_words():
 # torchrun: two processes with gloo, as torchrun would start them
 
 
-def spawn_two(worker, *args):
-    """Run worker(rank, 2, port, *args) in two processes, as torchrun --nproc_per_node=2 would."""
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(worker, args=(2, port, *args), nprocs=2, join=True)
+        return s.getsockname()[1]
+
+
+def spawn_two(worker, *args, timeout=300):
+    """Run worker(rank, 2, port, *args) in two processes, as torchrun --nproc_per_node=2 would; a hang
+    (processes that wait for each other in different collectives) fails the test, not the whole suite."""
+    context = torch.multiprocessing.spawn(worker, args=(2, free_port(), *args), nprocs=2, join=False)
+    deadline = time.time() + timeout
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the two processes did not end within {timeout} s")
 
 
 def as_torchrun_process(rank, world, port):
@@ -250,18 +264,20 @@ def ddp_checks(rank, world, port, data_dir, root):
             logits, loss = super().forward(idx, targets, patch_size)
             return logits, loss * self.patch_gain if patch_size > 1 else loss
 
+    GPT = P.GPT
     P.GPT = PatchOnly
     try:
         P.train(TINY, replace(tc, out_dir=f"{root}/unused"), log=quiet)
     except P.UserError as e:
         seen["unused"] = str(e)
         seen["unused_trained"] = os.path.exists(f"{root}/unused")  # train() makes out_dir before stage 1
+    P.GPT = GPT
     torch.save(seen, f"{root}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    P.end_processes(0)  # as main() ends: the process group and gloo's threads go
 
 
-def test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes(data_dir, tmp_path):
-    spawn_two(ddp_checks, str(data_dir), str(tmp_path))
+def test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes(data_dir, two_processes):
+    tmp_path = two_processes
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # a SIGTERM to one process: all stop after that step, though no progress line is due, and save
     # before any evaluation; the resumed run evaluates what was due and ends as the run never stopped
@@ -285,3 +301,122 @@ def test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes(dat
     # the first stage trains, not after it
     assert r0["unused"] == r1["unused"] == "patch_gain gets no gradient in the token stage, which DDP forbids"
     assert r0["unused_trained"] is r1["unused_trained"] is False
+
+
+def main_as_a_process(argv, port):
+    """patchgpt's main(argv) in this process of two, on a fresh port (main() ends the process group):
+    (exit code, stdout lines, stderr lines, gloo threads left)."""
+    os.environ["MASTER_PORT"] = str(port)
+    out = io.TextIOWrapper(io.BytesIO())  # main() reconfigures stdout, which a StringIO cannot take
+    err = io.TextIOWrapper(io.BytesIO())
+    parser = P.build_parser()
+    parser.prog = "patchgpt.py"  # as the command line names it, not the spawned process's __main__
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            P.main(argv, parser=parser)
+        except SystemExit as e:
+            code = e.code
+    out.flush()
+    err.flush()
+    lines = [f.buffer.getvalue().decode().splitlines() for f in (out, err)]
+    return code, *lines, gloo_threads()
+
+
+def gloo_threads():
+    """gloo's worker threads in this process (Linux: their names in /proc)."""
+    tasks = "/proc/self/task"
+    return sum(open(f"{tasks}/{t}/comm").read().startswith("pt_gloo") for t in os.listdir(tasks))
+
+
+def endings(rank, world, port, data_dir, root, ports):
+    """The command line's main() in each process, once per way a run can end (a fresh port each)."""
+    as_torchrun_process(rank, world, port)
+    seen = {}
+    atomic_write = P.atomic_write
+    load_checkpoint = P.load_checkpoint
+    Run = P.Run
+
+    def slow_summary(path, data):  # rank 0 is slow to finish
+        if path.endswith("summary.json"):
+            time.sleep(0.5)
+        atomic_write(path, data)
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {path}")
+
+    def unreadable(path):  # a file that one process alone cannot read
+        raise P.UserError(f"{path}: Permission denied")
+
+    class Signalled(Run):  # torchrun passes a Ctrl-C on to every process; here rank 1 alone gets it
+        def train_step(self, stage, lr):
+            if self.rank == 1 and (stage.name, self.step) == ("token", 1):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().train_step(stage, lr)
+
+    def cli(name, *flags):
+        return tiny_cli(data_dir, f"{root}/{name}", "--k", "2", "--lam", "0.5", *flags)[2:]
+
+    if rank == 0:
+        P.atomic_write = slow_summary
+    seen["done"] = main_as_a_process(cli("done"), ports[0])
+    seen["summary_at_exit"] = os.path.exists(f"{root}/done/summary.json")
+    P.atomic_write = atomic_write
+    if rank == 1:
+        P.load_checkpoint = unreadable
+    seen["unreadable"] = main_as_a_process(cli("done", "--resume"), ports[1])
+    P.load_checkpoint = load_checkpoint
+    seen["corrupt"] = main_as_a_process(cli("corrupt", "--resume"), ports[2])
+    if rank == 0:
+        P.atomic_write = full_disk
+    seen["full"] = main_as_a_process(cli("full"), ports[3])
+    P.atomic_write = atomic_write
+    P.Run = Signalled
+    seen["sigterm"] = main_as_a_process(cli("sigterm"), ports[4])
+    P.Run = Run
+    torch.save(seen, f"{root}/endings{rank}.pt")
+
+
+def ddp_checks_then_endings(rank, world, port, data_dir, root, ports):
+    ddp_checks(rank, world, port, data_dir, root)
+    endings(rank, world, port, data_dir, root, ports)
+
+
+@pytest.fixture(scope="module")
+def two_processes(data_dir, tmp_path_factory):
+    """The folder of what ddp_checks, then endings, saw in each of two processes: the tests of both share
+    one pair of processes, since starting two costs seconds."""
+    root = tmp_path_factory.mktemp("two_processes")
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "ckpt.pt").write_bytes(b"hello")
+    spawn_two(ddp_checks_then_endings, str(data_dir), str(root), [free_port() for _ in range(5)])
+    return root
+
+
+def test_every_ending_of_a_torchrun_run_is_one_exit_code_and_one_line(two_processes):
+    """Issue 30: rank 1 returned at once while rank 0 still saved and summed up, and one finished run in
+    four ended FAILED: rank 1 aborted at exit (a gloo worker thread let go of its last collective's
+    tensors as Python shut down). Now the processes agree on one ending, wait for each other, and main()
+    returns only when gloo's threads are gone."""
+    tmp_path = two_processes
+    r0, r1 = (torch.load(tmp_path / f"endings{r}.pt", weights_only=False) for r in (0, 1))
+    for name in ("done", "unreadable", "corrupt", "full", "sigterm"):
+        assert r0[name][3] == r1[name][3] == 0, name  # no gloo thread left to abort the exit
+    # done: rank 1 leaves main() only after the slow rank 0 wrote its summary; the last line is the run's
+    assert r0["done"][0] == 0 and r0["done"][1][-1].startswith("final token-level val loss")
+    assert r0["done"][2] == [] and r1["done"][:3] == (0, [], []) and r1["summary_at_exit"]
+    # bad input that rank 1 alone meets, or both; a full disk at rank 0's save: both exit 2, one line
+    assert r0["unreadable"][:3] == (2, [], [])
+    assert r1["unreadable"][:3] == (2, [], [f"patchgpt: error: {tmp_path}/done/ckpt.pt: Permission denied"])
+    code, out, err, _ = r0["corrupt"]
+    assert (code, out, len(err)) == (2, [], 1) and "is not a checkpoint of this patchgpt" in err[0]
+    assert r1["corrupt"][:3] == (2, [], [])
+    assert (tmp_path / "corrupt" / "ckpt.pt").read_bytes() == b"hello"
+    full = f"patchgpt: error: No space left on device while writing {tmp_path}/full/ckpt.pt"
+    assert r0["full"][0] == 2 and r0["full"][2] == [full] and r1["full"][:3] == (2, [], [])
+    # SIGTERM to one process: both exit 130 after that step, with the checkpoint saved
+    interrupted = f"patchgpt: error: interrupted; {tmp_path}/sigterm/ckpt.pt continues with --resume"
+    assert r0["sigterm"][0] == 130 and r0["sigterm"][2] == [interrupted]
+    assert r1["sigterm"][:3] == (130, [], [])
+    ckpt = P.load_checkpoint(tmp_path / "sigterm" / "ckpt.pt")
+    assert (ckpt["stage_idx"], ckpt["step"]) == (1, 2)
