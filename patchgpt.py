@@ -791,6 +791,8 @@ def end_processes(code):
         return code, True
     codes = gather(code)
     says_why = codes.index(max(codes)) == torch.distributed.get_rank()
+    if max(codes):  # torchrun sends SIGTERM to the others once one has exited with an error: keep this code
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # gloo's worker threads must end before Python shuts down: one lets go of a collective's tensors after
     # the call has returned, which takes Python's lock, and once Python is shutting down that aborts the
     # process (SIGABRT, "terminate called without an active exception": rank 1 exited just after its last
