@@ -105,7 +105,8 @@ def main(root):
             share, n = embedding_share(patch[0])
             switch = np.mean([switch_loss(s) for s in patch])
             chosen = f"{patch[0]['identity']['lr']:g}; {base[0]['identity']['lr']:g}"  # seed 1337's best
-            row = [cell, f"{epochs:.2f}", f"{share:.0%} of {n / 1e6:.2f}M", chosen, *gap_cells(patch, base)]
+            label = cell if name == "k2_lam0.5" else f"{cell} {name}"  # the grid's recipe, or another
+            row = [label, f"{epochs:.2f}", f"{share:.0%} of {n / 1e6:.2f}M", chosen, *gap_cells(patch, base)]
             print("| " + " | ".join(map(str, row)) + f" | {switch:.2f} | {unigram(data_dir):.2f} |")
             if name == "k2_lam0.5":
                 g = [p["val_loss"] - b["val_loss"] for p, b in zip(patch, base)]
