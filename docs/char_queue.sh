@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 28's character-level runs (docs/results.md section 8), one at a time on one thread, in the order of
+# Issue 28's runs (docs/results.md sections 8 and 9), one at a time on one thread, in the order of
 # docs/char_queue.txt (read anew before each run, so the queue can change while it works): a line is a
 # run's name and its flags; a finished run (its summary.json) is skipped, an interrupted one resumed, and
 # one that failed (exit code 2: a diverged loss, say) is marked failed and skipped. Each run's log: log.txt.
 #   nohup bash docs/char_queue.sh > out/chars/queue.log 2>&1 &
+# Section 9's runs read data/grid/, which python docs/grid_data.py <Gutenberg folder> makes first.
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
