@@ -207,6 +207,13 @@ def curve(r):
     ]
 
 
+def unigram_loss(data_dir):
+    """The training tokens' unigram entropy (nats): the loss of predicting each token by its frequency."""
+    counts = np.bincount(np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r"))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def plot(results, tc, path, log=print):
     """Token-level val loss against training tokens and against compute. The y axis starts just above
     the loss of the training data's unigram distribution, so the curves' differences are not squashed
@@ -219,9 +226,7 @@ def plot(results, tc, path, log=print):
     except ImportError:
         log("matplotlib is not installed: no plot (pip install matplotlib); results.json has the curves")
         return
-    counts = np.bincount(np.memmap(os.path.join(tc.data_dir, "train.bin"), dtype=np.uint16, mode="r"))
-    p = counts[counts > 0] / counts.sum()
-    unigram = float(-(p * np.log(p)).sum())  # the loss of predicting every token by its frequency alone
+    unigram = unigram_loss(tc.data_dir)
     losses = [h["val_loss"] for r in results for h in r["summary"]["history"]]
     lowest = min(losses)
     # runs that never got below the unigram loss (short ones) would be off the plot, upside down: all of it

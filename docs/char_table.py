@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import compare  # noqa: E402
 import patchgpt as P  # noqa: E402
 
 
@@ -33,14 +34,6 @@ def load(root):
 def switch_loss(s):
     """The token-level val loss at the end of the patch stage."""
     return [h["val_loss"] for h in s["history"] if h["stage"] == "patch"][-1]
-
-
-def unigram(data_dir):
-    """The training ids' unigram entropy (nats): the loss of predicting every id by its frequency alone."""
-    ids = np.fromfile(os.path.join(data_dir, "train.bin"), dtype=np.uint16)
-    p = np.bincount(ids) / len(ids)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
 
 
 def embedding_share(s):
@@ -107,7 +100,9 @@ def main(root):
             chosen = f"{patch[0]['identity']['lr']:g}; {base[0]['identity']['lr']:g}"  # seed 1337's best
             label = cell if name == "k2_lam0.5" else f"{cell} {name}"  # the grid's recipe, or another
             row = [label, f"{epochs:.2f}", f"{share:.0%} of {n / 1e6:.2f}M", chosen, *gap_cells(patch, base)]
-            print("| " + " | ".join(map(str, row)) + f" | {switch:.2f} | {unigram(data_dir):.2f} |")
+            print(
+                "| " + " | ".join(map(str, row)) + f" | {switch:.2f} | {compare.unigram_loss(data_dir):.2f} |"
+            )
             if name == "k2_lam0.5":
                 g = [p["val_loss"] - b["val_loss"] for p, b in zip(patch, base)]
                 points.setdefault(tuple(cell.split("_")[:2]), []).append((epochs, g))
