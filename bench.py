@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+import guards
 import patchgpt as P
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), by the words of the name that
@@ -111,13 +112,13 @@ def time_stage(run, stage, warmup_steps, timed_steps):
     run.model.train()
     for _ in range(warmup_steps):  # the first steps compile kernels and grow the caching allocator
         run.train_step(stage, run.tc.lr)
-    P.synchronize(run.device)
+    guards.synchronize(run.device)
     if run.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     t0 = time.perf_counter()
     for _ in range(timed_steps):
         run.train_step(stage, run.tc.lr)
-    P.synchronize(run.device)
+    guards.synchronize(run.device)
     secs = (time.perf_counter() - t0) / timed_steps
     if run.device_type == "cuda":
         peak = torch.cuda.max_memory_allocated(run.device)
@@ -170,7 +171,7 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     )
     log(
         f"whole run --k {patch['K']} --lam {lam:.3g}: wall time {ratio:.3f} of token-level training "
-        f"of the same tokens (compute {P.plan_cost(run.stages, run.flops):.3f}, counted in FLOPs)"
+        f"of the same tokens (compute {guards.plan_cost(run.stages, run.flops):.3f}, counted in FLOPs)"
     )
     return {"device": name, "rows": rows, "speedup": speedup, "run_ratio": ratio}
 
@@ -185,13 +186,15 @@ def build_parser():
 
 def run(args):
     if args.warmup_steps < 0 or args.timed_steps < 1:
-        raise P.UserError("bench needs --warmup_steps >= 0 and --timed_steps >= 1")
+        raise guards.UserError("bench needs --warmup_steps >= 0 and --timed_steps >= 1")
     mc, tc = P.configs(args)
     if tc.k == 1:
-        raise P.UserError("bench compares the patch stage with the token stage: use --k >= 2 and --lam > 0")
+        raise guards.UserError(
+            "bench compares the patch stage with the token stage: use --k >= 2 and --lam > 0"
+        )
     result = bench(mc, tc, args.warmup_steps, args.timed_steps)
     if args.json:
-        P.atomic_write(args.json, json.dumps(result, indent=1).encode())
+        guards.atomic_write(args.json, json.dumps(result, indent=1).encode())
     return result
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
+import guards
 import patchgpt as P
 
 LISTS = {"k": "patch sizes", "lam": "fractions of the tokens at patch level", "schedule": "schedules"}
@@ -67,7 +68,7 @@ def family(schedule):
 
 
 def cost(compute):
-    """A patch run's compute (P.plan_cost, of the FLOPs its code computes) rounded as the equal-compute
+    """A patch run's compute (guards.plan_cost, of the FLOPs its code computes) rounded as the equal-compute
     baselines' names and token counts use it: a change to the stages or the steps changes its baselines."""
     return round(compute, 4)
 
@@ -86,7 +87,9 @@ def plan_runs(mc, tc, lists):
                 if K > 1 and lam > 0:
                     runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
                     run = P.Run(mc, replace(tc, k=K, lam=lam, schedule=schedule), log=lambda *a: None)
-                    costs.append(cost(P.plan_cost(run.stages, run.flops)))  # the cost the run will report
+                    costs.append(
+                        cost(guards.plan_cost(run.stages, run.flops))
+                    )  # the cost the run will report
         runs += [
             (f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N)) for c in sorted(set(costs))
         ]
@@ -94,11 +97,11 @@ def plan_runs(mc, tc, lists):
 
 
 def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
-    tc = P.resolve_dtype(tc)  # as train() saves it, so that finished runs are recognized
-    mc = P.fit_vocab(mc, P.read_vocab(tc.data_dir))  # likewise: the data's vocabulary, as Run sets it
+    tc = guards.resolve_dtype(tc)  # as train() saves it, so that finished runs are recognized
+    mc = P.fit_vocab(mc, guards.read_vocab(tc.data_dir))  # likewise: the data's vocabulary, as Run sets it
     for name, values in lists.items():  # refuse a bad value or plan before the first run, not in the grid
         for value in values:
-            P.validate(mc, replace(tc, **{name: value}))
+            guards.validate(mc, replace(tc, **{name: value}))
     runs, results = plan_runs(mc, tc, lists), []
     configs = [
         (name, replace(tc, schedule=s, k=K, lam=lam, tokens=n, out_dir=os.path.join(root, name)))
@@ -129,7 +132,7 @@ def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
     for line in table(results):
         log(line)
     os.makedirs(root, exist_ok=True)
-    P.atomic_write(
+    guards.atomic_write(
         os.path.join(root, "results.json"),
         json.dumps({"model": asdict(mc), "train": asdict(tc), "results": results}, indent=1).encode(),
     )
@@ -140,7 +143,7 @@ def compare(mc, tc, lists, root, log=print, extra_val_bin=""):
 def evaluate_on(mc, tc, val_bin):
     """Token-level loss of a finished run's final weights on the fixed windows of another token file."""
     run = P.Run(mc, replace(tc, val_bin=val_bin), log=lambda *a: None)
-    run.raw_model.load_state_dict(P.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))["model"])
+    run.raw_model.load_state_dict(guards.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))["model"])
     run.evaluate(run.stages[-1])
     return run.history[-1]["val_loss"]
 
@@ -152,7 +155,7 @@ def finished(mc, tc):
         return None
     with open(path) as f:
         summary = json.load(f)
-    return summary if summary.get("identity") == json.loads(json.dumps(P.identity(mc, tc))) else None
+    return summary if summary.get("identity") == json.loads(json.dumps(guards.identity(mc, tc))) else None
 
 
 def baselines(r, results):
@@ -260,7 +263,7 @@ def plot(results, tc, path, log=print):
 
 def run(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise P.UserError("compare.py runs one process; launch it without torchrun")
+        raise guards.UserError("compare.py runs one process; launch it without torchrun")
     lists = parse_lists(args)
     for name in LISTS:
         setattr(args, name, lists[name][0])

@@ -10,11 +10,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+import guards
 import patchgpt as P
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_ids=P.GPT2_VOCAB):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_ids=guards.GPT2_VOCAB):
     """idx: (B, T) token ids; appends max_new_tokens sampled ids below n_ids to each row."""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.config.block_size :])  # (B, T, vocab)
@@ -42,21 +43,21 @@ def sample(
 
     path = os.path.join(out_dir, "ckpt.pt")
     train_first = f"to sample from; train one first (python patchgpt.py --out_dir {out_dir})"
-    ckpt = P.load_checkpoint(path, missing=train_first)
+    ckpt = guards.load_checkpoint(path, missing=train_first)
     try:  # the model as the run made it; a checkpoint of another version of it is one line
         tc = P.TrainConfig(**ckpt["train_config"])
         model = P.make_model(P.GPTConfig(**ckpt["model_config"]), tc)
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as e:
-        raise P.UserError(f"{path} does not fit this model: {' '.join(str(e).split())}") from None
-    device = P.pick_device(device)
+        raise guards.UserError(f"{path} does not fit this model: {' '.join(str(e).split())}") from None
+    device = guards.pick_device(device)
     model.to(device).eval()
     stages = P.plan_stages(tc, model.config.block_size)
     i = ckpt["stage_idx"]  # the stage it would train next: a patch stage, or a token stage not begun
     if i < len(stages) and (stages[i].K > 1 or (i > 0 and ckpt["step"] == 0)):
         log("note: this checkpoint has had no token-level training yet; expect poor samples")
     # the vocabulary the run trained in; a checkpoint from before character data was GPT-2's
-    vocab = ckpt.get("vocab", {"tokenizer": "gpt2", "vocab_size": P.GPT2_VOCAB, "chars": None})
+    vocab = ckpt.get("vocab", {"tokenizer": "gpt2", "vocab_size": guards.GPT2_VOCAB, "chars": None})
     try:
         if vocab["chars"]:  # no prompt: the vocabulary's first character, a newline in most texts
             ids = char_ids(vocab["chars"], prompt or vocab["chars"][0]).tolist()
@@ -64,7 +65,7 @@ def sample(
             enc = get_encoding()
             ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]
     except PrepareError as e:
-        raise P.UserError(f"--prompt: {e}" if vocab["chars"] else str(e)) from None
+        raise guards.UserError(f"--prompt: {e}" if vocab["chars"] else str(e)) from None
     torch.manual_seed(seed)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     rows = generate(model, x, max_new_tokens, temperature, top_k, vocab["vocab_size"])
@@ -78,7 +79,7 @@ def sample(
 
 
 def build_parser():
-    p = P.Parser(description="Generate text from a patchgpt checkpoint.")  # one-line errors, exit code 2
+    p = guards.Parser(description="Generate text from a patchgpt checkpoint.")  # one-line errors, exit code 2
     d = " (default: %(default)s)"
     p.add_argument("--out_dir", default="out/k4_lam0.67", help="the run's folder, with its ckpt.pt" + d)
     p.add_argument("--prompt", default="", help="text to continue (default: none, start from <|endoftext|>)")
@@ -99,7 +100,7 @@ def run(args):
         and args.max_new_tokens >= 0
         and args.seed >= 0
     ):
-        raise P.UserError(
+        raise guards.UserError(
             "needs --temperature > 0, --top_k >= 1, --num_samples >= 1, --max_new_tokens >= 0, --seed >= 0"
         )
     sample(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import guards
 import patchgpt as P
 import prepare_data
 import sample
@@ -75,7 +76,7 @@ def test_a_character_run_trains_resumes_exactly_and_samples_characters(char_dir,
     vocab = json.loads((char_dir / "meta.json").read_text())
     tc = tiny_train_config(char_dir, tmp_path / "whole", tokens=16 * 16 * 16)
     whole = P.train(TINY, tc, log=quiet)
-    ckpt = P.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"))
+    ckpt = guards.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"))
     assert ckpt["model"]["lm_head.weight"].shape == (vocab["vocab_size"], TINY.n_embd)  # one row a character
     assert ckpt["model_config"]["vocab_size"] == vocab["vocab_size"] == len(vocab["chars"])
     hist = whole["history"]
@@ -90,7 +91,7 @@ def test_a_character_run_trains_resumes_exactly_and_samples_characters(char_dir,
         P.train(TINY, stopped, log=stop_at("token K=1 step 3/"))
     resumed = P.train(TINY, replace(stopped, resume=True), log=quiet)
     assert resumed["history"] == hist  # the same evaluations, bit for bit
-    weights = P.load_checkpoint(os.path.join(stopped.out_dir, "ckpt.pt"))["model"]
+    weights = guards.load_checkpoint(os.path.join(stopped.out_dir, "ckpt.pt"))["model"]
     assert all(torch.equal(weights[k], v) for k, v in ckpt["model"].items())
 
     texts = sample.sample(tc.out_dir, "ROMEO:", 2, 30, 1.0, 10, "cpu", 0, log=quiet)
@@ -131,7 +132,7 @@ def test_a_checkpoint_from_before_character_data_resumes_and_samples_as_gpt2(dat
     tc = tiny_train_config(data_dir, tmp_path / "run", tokens=16 * 16 * 6)
     done = P.train(TINY, tc, log=quiet)
     path = os.path.join(tc.out_dir, "ckpt.pt")
-    ckpt = P.load_checkpoint(path)
+    ckpt = guards.load_checkpoint(path)
     del ckpt["model_config"]["vocab_size"], ckpt["vocab"]  # as saved before either existed
     torch.save(ckpt, path)
     assert P.train(TINY, replace(tc, resume=True), log=quiet)["val_loss"] == done["val_loss"]

@@ -18,6 +18,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import bench
+import guards
 import patchgpt as P
 from test_patchgpt import TINY, final_weights, quiet, tiny_cli, tiny_train_config
 
@@ -49,7 +50,7 @@ def test_the_first_step_of_each_stage_is_left_out_of_its_time(data_dir, tmp_path
     a tiny run's measured cost 2.5 against a compute of 0.75. Here a clock that steps takes 1 s, and
     the first of each stage 100 s."""
     clock = [0.0]
-    monkeypatch.setattr(P, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(guards, "time", types.SimpleNamespace(time=lambda: clock[0]))
     train_step = P.Run.train_step
 
     def compiles_first(run, stage, lr):
@@ -85,10 +86,10 @@ def test_float32_runs_with_no_autocast_at_all(monkeypatch):
         raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
 
     monkeypatch.setattr(torch, "autocast", unsupported)
-    with P.autocast("mps", "float32"):
+    with guards.autocast("mps", "float32"):
         pass
     with pytest.raises(RuntimeError, match="unsupported autocast"):
-        P.autocast("mps", "bfloat16")
+        guards.autocast("mps", "bfloat16")
 
 
 @pytest.mark.parametrize(
@@ -98,8 +99,8 @@ def test_auto_dtype_is_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, c
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert P.resolve_dtype(P.TrainConfig(device="auto")).dtype == dtype  # V100 7.0, T4 7.5, A100 8.0
-    assert P.resolve_dtype(P.TrainConfig(device="cpu")).dtype == "float32"
+    assert guards.resolve_dtype(P.TrainConfig(device="auto")).dtype == dtype  # V100 7.0, T4 7.5, A100 8.0
+    assert guards.resolve_dtype(P.TrainConfig(device="cpu")).dtype == "float32"
 
 
 def test_adamw_is_fused_on_gpus_and_a_resume_takes_this_devices_kernel(data_dir, tmp_path):
@@ -110,7 +111,7 @@ def test_adamw_is_fused_on_gpus_and_a_resume_takes_this_devices_kernel(data_dir,
     # a checkpoint saved by a GPU's fused AdamW, resumed on the CPU: the CPU's kernel, and it trains on
     tc = tiny_train_config(data_dir, tmp_path / "run", tokens=16 * 16 * 8, dtype="float32")
     P.train(TINY, tc, log=quiet)
-    ckpt = P.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))
+    ckpt = guards.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))
     for group in ckpt["optimizer"]["param_groups"]:
         group["fused"] = True
     run = P.Run(TINY, tc, log=quiet)
@@ -239,19 +240,19 @@ def ddp_checks(rank, world, port, data_dir, root):
         try:
             P.train(TINY, out, log=quiet)
         except KeyboardInterrupt:
-            ckpt = P.load_checkpoint(f"{out.out_dir}/ckpt.pt")
+            ckpt = guards.load_checkpoint(f"{out.out_dir}/ckpt.pt")
             seen[name] = (ckpt["stage_idx"], ckpt["step"])
         P.Run = Run
         seen[f"{name}_resumed"] = P.train(TINY, replace(out, resume=True), log=quiet)
     P.Run = Poisoned
     try:
         P.train(TINY, replace(tc, out_dir=f"{root}/nan"), log=quiet)
-    except P.UserError as e:
+    except guards.UserError as e:
         seen["nan"] = str(e)
         seen["nan_files"] = sorted(os.listdir(f"{root}/nan")) if os.path.exists(f"{root}/nan") else []
     P.Run = Run
     run = Run(TINY, tc, log=quiet)  # the evaluation of the whole run's weights, shared by the processes
-    run.raw_model.load_state_dict(P.load_checkpoint(f"{root}/whole/ckpt.pt")["model"])
+    run.raw_model.load_state_dict(guards.load_checkpoint(f"{root}/whole/ckpt.pt")["model"])
     run.evaluate(run.stages[-1])
     seen["val_loss"] = run.history[-1]["val_loss"]
 
@@ -268,12 +269,12 @@ def ddp_checks(rank, world, port, data_dir, root):
     P.GPT = PatchOnly
     try:
         P.train(TINY, replace(tc, out_dir=f"{root}/unused"), log=quiet)
-    except P.UserError as e:
+    except guards.UserError as e:
         seen["unused"] = str(e)
         seen["unused_trained"] = os.path.exists(f"{root}/unused")  # train() makes out_dir before stage 1
     P.GPT = GPT
     torch.save(seen, f"{root}/rank{rank}.pt")
-    P.end_processes(0)  # as main() ends: the process group and gloo's threads go
+    guards.end_processes(0)  # as main() ends: the process group and gloo's threads go
 
 
 def test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes(data_dir, two_processes):
@@ -333,8 +334,8 @@ def endings(rank, world, port, data_dir, root, ports):
     """The command line's main() in each process, once per way a run can end (a fresh port each)."""
     as_torchrun_process(rank, world, port)
     seen = {}
-    atomic_write = P.atomic_write
-    load_checkpoint = P.load_checkpoint
+    atomic_write = guards.atomic_write
+    load_checkpoint = guards.load_checkpoint
     Run = P.Run
 
     def slow_summary(path, data):  # rank 0 is slow to finish
@@ -346,7 +347,7 @@ def endings(rank, world, port, data_dir, root, ports):
         raise OSError(errno.ENOSPC, f"No space left on device while writing {path}")
 
     def unreadable(path):  # a file that one process alone cannot read
-        raise P.UserError(f"{path}: Permission denied")
+        raise guards.UserError(f"{path}: Permission denied")
 
     class Signalled(Run):  # torchrun passes a Ctrl-C on to every process; here rank 1 alone gets it
         def train_step(self, stage, lr):
@@ -358,19 +359,19 @@ def endings(rank, world, port, data_dir, root, ports):
         return tiny_cli(data_dir, f"{root}/{name}", "--k", "2", "--lam", "0.5", *flags)[2:]
 
     if rank == 0:
-        P.atomic_write = slow_summary
+        guards.atomic_write = slow_summary
     seen["done"] = main_as_a_process(cli("done"), ports[0])
     seen["summary_at_exit"] = os.path.exists(f"{root}/done/summary.json")
-    P.atomic_write = atomic_write
+    guards.atomic_write = atomic_write
     if rank == 1:
-        P.load_checkpoint = unreadable
+        guards.load_checkpoint = unreadable
     seen["unreadable"] = main_as_a_process(cli("done", "--resume"), ports[1])
-    P.load_checkpoint = load_checkpoint
+    guards.load_checkpoint = load_checkpoint
     seen["corrupt"] = main_as_a_process(cli("corrupt", "--resume"), ports[2])
     if rank == 0:
-        P.atomic_write = full_disk
+        guards.atomic_write = full_disk
     seen["full"] = main_as_a_process(cli("full"), ports[3])
-    P.atomic_write = atomic_write
+    guards.atomic_write = atomic_write
     P.Run = Signalled
     seen["sigterm"] = main_as_a_process(cli("sigterm"), ports[4])
     P.Run = Run
@@ -418,5 +419,5 @@ def test_every_ending_of_a_torchrun_run_is_one_exit_code_and_one_line(two_proces
     interrupted = f"patchgpt: error: interrupted; {tmp_path}/sigterm/ckpt.pt continues with --resume"
     assert r0["sigterm"][0] == 130 and r0["sigterm"][2] == [interrupted]
     assert r1["sigterm"][:3] == (130, [], [])
-    ckpt = P.load_checkpoint(tmp_path / "sigterm" / "ckpt.pt")
+    ckpt = guards.load_checkpoint(tmp_path / "sigterm" / "ckpt.pt")
     assert (ckpt["stage_idx"], ckpt["step"]) == (1, 2)

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import compare
+import guards
 import patchgpt as P
 import sample
 from conftest import write_meta
@@ -198,10 +199,10 @@ def test_the_paper_s_two_stages_cost_lam_over_k_plus_1_minus_lam(data_dir):
     for K, lam in ((4, 0.67), (2, 0.5), (8, 0.3), (1, 0.0)):
         run = P.Run(TINY, tiny_train_config(data_dir, "", k=K, lam=lam, tokens=16 * 16 * 16), log=quiet)
         steps = [s.steps for s in run.stages]
-        assert P.plan_cost(run.stages, run.flops) == pytest.approx(
+        assert guards.plan_cost(run.stages, run.flops) == pytest.approx(
             (steps[0] / K + sum(steps[1:])) / sum(steps)
         )
-        assert P.plan_cost(run.stages, run.flops) == pytest.approx(lam / K + 1 - lam, abs=0.02)
+        assert guards.plan_cost(run.stages, run.flops) == pytest.approx(lam / K + 1 - lam, abs=0.02)
 
 
 def test_plan_splits_micro_steps_across_processes():
@@ -211,7 +212,7 @@ def test_plan_splits_micro_steps_across_processes():
         assert a.tokens_per_step == b.tokens_per_step and a.steps == b.steps
         assert a.micro_batch * a.grad_accum == 2 * b.micro_batch * b.grad_accum
     with pytest.raises(
-        P.UserError, match="--tokens_per_step must be a multiple of K x block_size x processes"
+        guards.UserError, match="--tokens_per_step must be a multiple of K x block_size x processes"
     ):
         P.plan_stages(replace(tc, tokens_per_step=3 * 32), 32, 2)
 
@@ -253,7 +254,7 @@ def test_the_switch_keeps_or_restarts_the_optimizer_and_the_schedule(data_dir, t
         lrs = [P.get_lr(s, patch.steps + token.steps, tc) for s in range(patch.steps + token.steps)]
         adam_steps = patch.steps + token.steps
     assert logged == [pytest.approx(lr, rel=1e-2) for lr in lrs]  # log_interval 1: every step's lr
-    state = P.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))["optimizer"]["state"]
+    state = guards.load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))["optimizer"]["state"]
     assert all(s["step"] == adam_steps for s in state.values())
 
 
@@ -275,13 +276,13 @@ def test_two_stage_run_learns_checkpoints_and_resumes(data_dir, tmp_path):
     assert any("tok/s | ETA" in line for line in lines)
     with open(out / "summary.json") as f:
         assert json.load(f)["val_loss"] == summary["val_loss"]
-    ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = guards.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["stage_idx"] == 2 and ckpt["tokens_seen"] == 30 * 256
     # resuming a finished run trains nothing and reports the same
     again = P.train(TINY, replace(tc, resume=True), log=quiet)
     assert again["val_loss"] == summary["val_loss"] and again["history"] == hist
     # a new run into the same out dir is refused instead of silently overwriting
-    with pytest.raises(P.UserError, match="holds a run"):
+    with pytest.raises(guards.UserError, match="holds a run"):
         P.train(TINY, tc, log=quiet)
 
 
@@ -318,16 +319,16 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path, monkeypat
         (dict(schedule="wsd"), "--schedule restart, not wsd"),
         (dict(data_dir=str(other)), "--data_dir"),
     ):
-        with pytest.raises(P.UserError, match=words):
+        with pytest.raises(guards.UserError, match=words):
             P.train(TINY, replace(tc, resume=True, **change), log=quiet)
-    with pytest.raises(P.UserError, match="--n_embd 32, not 64"):
+    with pytest.raises(guards.UserError, match="--n_embd 32, not 64"):
         P.train(replace(TINY, n_embd=64), replace(tc, resume=True), log=quiet)
-    with pytest.raises(P.UserError, match="--untied False, not True"):
+    with pytest.raises(guards.UserError, match="--untied False, not True"):
         P.train(replace(TINY, untied=True), replace(tc, resume=True), log=quiet)
     # what changes neither the weights nor the evaluation may change, mid-run: the intervals, and --device
     # and --compile (the checkpoint made as on a GPU with --compile, resumed here on the CPU without)
     path = out / "ckpt.pt"
-    ckpt = P.load_checkpoint(str(path))
+    ckpt = guards.load_checkpoint(str(path))
     assert (ckpt["stage_idx"], ckpt["step"]) == (0, 2)
     ckpt["train_config"].update(device="cuda", compile=True)
     torch.save(ckpt, path)
@@ -365,7 +366,9 @@ def flags_on(data_dir, tmp_path):
     mc, tc = TINY, tiny_train_config(data_dir, "", **FLAG_BASE)
     runs = []
     for f in fields(P.GPTConfig) + fields(P.TrainConfig):
-        if f.metadata.get("help") is None or f.name in P.RESUMABLE:  # not a flag, or where and how it runs
+        if (
+            f.metadata.get("help") is None or f.name in guards.RESUMABLE
+        ):  # not a flag, or where and how it runs
             continue
         model = f in fields(P.GPTConfig)
         value = getattr(mc if model else tc, f.name)
@@ -454,7 +457,7 @@ def test_a_checkpoint_from_before_a_new_flag_resumes_while_the_flag_keeps_its_de
     mc, tc = P.configs(P.build_parser().parse_args(args[2:]))
     done = P.train(mc, tc, log=quiet)
     path = os.path.join(tc.out_dir, "ckpt.pt")
-    ckpt = P.load_checkpoint(path)
+    ckpt = guards.load_checkpoint(path)
     old = [json.loads(text) for text in OLD_SETTINGS]
     old[1]["data_dir"] = str(data_dir)
     defaults = {f.name: f.default for f in fields(P.GPTConfig) + fields(P.TrainConfig)}
@@ -464,18 +467,18 @@ def test_a_checkpoint_from_before_a_new_flag_resumes_while_the_flag_keeps_its_de
         assert P.train(mc, replace(tc, resume=True), log=quiet)["val_loss"] == done["val_loss"]
     for name, mc_on, tc_on in flags_on(data_dir, tmp_path):
         if name not in {**older[0], **older[1]}:  # a flag that did not exist then, turned on
-            with pytest.raises(P.UserError, match=f"made with --{name} "):
+            with pytest.raises(guards.UserError, match=f"made with --{name} "):
                 P.train(mc_on, replace(tc_on, resume=True, out_dir=tc.out_dir), log=quiet)
     # a flag whose type changed: 2 and '2' print alike, so the types are named
     torch.save(dict(ckpt, train_config=dict(ckpt["train_config"], k="2")), path)
-    with pytest.raises(P.UserError, match=r"made with --k '2' \(str\), not 2 \(int\)"):
+    with pytest.raises(guards.UserError, match=r"made with --k '2' \(str\), not 2 \(int\)"):
         P.train(mc, replace(tc, resume=True), log=quiet)
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     P.main(tiny_cli(data_dir, out, "--tokens", "1024")[2:])
-    ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = guards.load_checkpoint(str(out / "ckpt.pt"))
     model = ckpt["model"]
     for key, weights in (  # saved by a model with an extra module, without one, with another shape
         ("patch_proj.weight", {**model, "patch_proj.weight": torch.zeros(32, 64)}),
@@ -521,21 +524,21 @@ def test_sampling_never_draws_a_padding_id():
     """ids 50257..50303 only pad the embedding table; tiktoken cannot decode them."""
     model = P.GPT(TINY).eval()
     with torch.no_grad():
-        model.lm_head.weight[P.GPT2_VOCAB :] = 0
+        model.lm_head.weight[guards.GPT2_VOCAB :] = 0
         model.transformer.ln_f.bias.fill_(1.0)
         model.transformer.ln_f.weight.zero_()
-        model.lm_head.weight[P.GPT2_VOCAB :, 0] = 100.0  # the padding ids have by far the highest logits
+        model.lm_head.weight[guards.GPT2_VOCAB :, 0] = 100.0  # the padding ids have by far the highest logits
     logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
-    assert logits[0, -1].argmax() >= P.GPT2_VOCAB
+    assert logits[0, -1].argmax() >= guards.GPT2_VOCAB
     out = sample.generate(model, torch.zeros(4, 1, dtype=torch.long), 20, temperature=1.0, top_k=None)
-    assert out.max() < P.GPT2_VOCAB
+    assert out.max() < guards.GPT2_VOCAB
 
 
 def test_divergence_stops_before_any_save(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_loss = P.next_patch_loss
     monkeypatch.setattr(P, "next_patch_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * np.nan)
-    with pytest.raises(P.UserError, match="non-finite loss by patch step 1;"):
+    with pytest.raises(guards.UserError, match="non-finite loss by patch step 1;"):
         P.train(TINY, tiny_train_config(data_dir, out, tokens=16 * 16 * 10), log=quiet)
     assert os.listdir(out) == []
 
@@ -546,7 +549,7 @@ def test_divergence_stops_before_any_save(data_dir, tmp_path, monkeypatch):
 
 
 def final_weights(out_dir):
-    return P.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
+    return guards.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
 
 
 def start(cmd):
@@ -644,7 +647,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(data_dir, tmp_path, r
         rc, printed = kill_when(cmd, f"{stage} step {at}/", sig)
         assert rc == 130, printed
         assert f"interrupted; {out}/ckpt.pt continues with --resume" in printed
-        ckpt = P.load_checkpoint(str(out / "ckpt.pt"))
+        ckpt = guards.load_checkpoint(str(out / "ckpt.pt"))
         step = ckpt["step"]
         after = printed[printed.index(f"{sig.name}: saving a checkpoint at the end of this step") :]
         first = next(line for line in after.splitlines() if " | tokens " in line)  # the step it came in
@@ -791,13 +794,13 @@ def test_an_out_dir_that_is_a_file_or_a_full_disk_is_one_line(data_dir, tmp_path
         opened.append(path)
         return real_open(path if len(opened) == 1 else "/dev/full", mode)
 
-    monkeypatch.setattr(P, "open", disk_fills, raising=False)
+    monkeypatch.setattr(guards, "open", disk_fills, raising=False)
     assert_refused(
         refused(capsys, tiny_cli(data_dir, tmp_path / "full")),
         "No space left on device",
         f"while writing {tmp_path / 'full' / 'ckpt.pt'}",
     )
-    ckpt = P.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"))
+    ckpt = guards.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"))
     assert (ckpt["stage_idx"], ckpt["step"], len(opened)) == (1, 0, 2)
     assert os.listdir(tmp_path / "full") == ["ckpt.pt"]
 
@@ -894,7 +897,7 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
     with open(tmp_path / "cmp" / "results.json") as f:
         assert [r["name"] for r in json.load(f)["results"]] == names
     # again into the same folder: refused without --resume; with it, the finished runs are reused
-    with pytest.raises(P.UserError, match="holds a run"):
+    with pytest.raises(guards.UserError, match="holds a run"):
         compare.compare(TINY, tc, lists, root, log=quiet)
     lines = []
     other = str(data_dir / "train.bin")  # another text to evaluate on, as WikiText-103 test would be
@@ -905,7 +908,7 @@ def test_compare_runs_baselines_with_the_stated_tokens(data_dir, tmp_path):
         r["extra_val_loss"] != r["summary"]["val_loss"] for r in again
     )
     run = P.Run(TINY, replace(tc, val_bin=other), log=quiet)  # the same windows a --val_bin run would use
-    run.raw_model.load_state_dict(P.load_checkpoint(os.path.join(root, "baseline", "ckpt.pt"))["model"])
+    run.raw_model.load_state_dict(guards.load_checkpoint(os.path.join(root, "baseline", "ckpt.pt"))["model"])
     run.evaluate(run.stages[-1])
     assert again[0]["extra_val_loss"] == run.history[-1]["val_loss"]
 
@@ -957,7 +960,7 @@ def test_compare_command_line_passes_flags_through_and_reports(compare_cli):
     assert [r["name"] for r in results] == names
     assert [sum(r["summary"]["tokens"]) for r in results] == [1024, 1024, 768]
     for r in results:  # every run trained with the flags given, not with patchgpt.py's defaults
-        ckpt = P.load_checkpoint(str(root / r["name"] / "ckpt.pt"))
+        ckpt = guards.load_checkpoint(str(root / r["name"] / "ckpt.pt"))
         config = {**ckpt["model_config"], **ckpt["train_config"]}
         assert config["n_layer"] == 2 and config["n_embd"] == 32 and config["untied"], r["name"]
         given = dict(seed=7, lr=3e-3, eval_iters=2, tokens_per_step=256, warmup_iters=2)
