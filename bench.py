@@ -48,16 +48,6 @@ PEAK_BF16 = [  # the first entry all of whose words are in the name: variants be
 ]
 
 
-def flops_per_position(config):
-    """Training FLOPs (forward + backward) for one position of a full block: 6 per weight that
-    multiplies the position (the lm_head included, the position table excluded), plus attention
-    scores and values (PaLM appendix B / nanoGPT). The patch average is a mean of K vectors:
-    negligible, so a patch position costs what a token position costs."""
-    c = config
-    n_matmul = 12 * c.n_layer * c.n_embd**2 + c.n_embd * c.vocab_size
-    return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.block_size
-
-
 def peak_flops(name):
     """The bf16 peak of a device by its name, matched by whole words: "NVIDIA L40" is not an L4."""
     words = set(re.split(r"[\s_-]+", name.upper()))
@@ -129,13 +119,12 @@ def time_stage(run, stage, warmup_steps, timed_steps):
 
 def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
     run = P.Run(mc, tc, log=lambda *a: None)  # the stages of a real run with these flags
-    per_pos = flops_per_position(run.mc)  # with the data's vocabulary
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device
     peak = peak_flops(name)  # None for cpu and mps, as for any device not in the table
     rows = []
-    for stage in sorted(run.stages, key=lambda s: s.K):  # token stage first, as a reference
+    # each stage's FLOPs per token as the run counts them (guards.count_flops: one real step of it)
+    for stage, flops in sorted(zip(run.stages, run.flops), key=lambda s: s[0].K):  # token stage first
         secs, mem = time_stage(run, stage, warmup_steps, timed_steps)
-        positions = stage.tokens_per_step // stage.K
         rows.append(
             {
                 "stage": stage.name,
@@ -143,7 +132,7 @@ def bench(mc, tc, warmup_steps=3, timed_steps=10, log=print):
                 "tokens_per_step": stage.tokens_per_step,
                 "ms_per_step": 1e3 * secs,
                 "tok_s": stage.tokens_per_step / secs,
-                "mfu": positions * per_pos / secs / peak if peak else None,
+                "mfu": stage.tokens_per_step * flops / secs / peak if peak else None,
                 "peak_mem_gb": mem / 2**30,
             }
         )

@@ -13,10 +13,11 @@ the test that holds it (test_patchgpt.py unless named):
 - Exact resume. A resume must have every setting of its checkpoint but those in RESUMABLE; a refusal names
   the flag and both values (and both types when they differ); a checkpoint from before a flag existed counts
   it at its default; one that does not fit the model is one line: check_resume, load_state, load_checkpoint.
-  A run killed at any point resumes to the same weights, bit for bit.
+  A run killed at any point resumes to the same weights, bit for bit, with any flag on.
   test_resumed_checkpoint_must_match_the_command, test_a_checkpoint_from_before_a_new_flag_resumes_while_the_
   flag_keeps_its_default, test_a_checkpoint_that_does_not_fit_the_model_is_one_line,
-  test_sigkill_then_resume_gives_identical_weights.
+  test_sigkill_then_resume_gives_identical_weights, test_every_flag_s_run_killed_and_resumed_ends_as_if_never_
+  stopped.
 - Atomic files: a kill or a full disk mid-write leaves the old checkpoint, and no temp file survives a
   run: atomic_write, clean_out_dir. test_an_out_dir_that_is_a_file_or_a_full_disk_is_one_line,
   test_stale_temp_files_of_a_killed_save_are_removed.
@@ -24,18 +25,22 @@ the test that holds it (test_patchgpt.py unless named):
   at the same step; a non-finite loss stops the run before any save: Watch.
   test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes, test_divergence_stops_before_any_save,
   test_devices.py::test_torchrun_stop_nan_evaluation_and_unused_parameters_on_two_processes.
-- Torchrun's processes end together, with one exit code and one line: together, end_processes.
+- Torchrun's processes end together, with one exit code and one line (an error they all meet before they
+  join: the first process's line alone): together, end_processes, first_process.
   test_devices.py::test_every_ending_of_a_torchrun_run_is_one_exit_code_and_one_line.
-- The cost a run prints and saves is the compute its code does, counted in FLOPs; the measured wall time
-  leaves out each stage's first step (it compiles): count_flops, plan_cost, Watch.
-  test_the_reported_cost_is_the_compute_the_run_did, test_devices.py::test_the_first_step_of_each_stage_is_
-  left_out_of_its_time.
+- The cost a run prints and saves, and compare.py's equal-compute baselines, are the compute of its real
+  optimizer steps (all of Run.train_step, whatever it holds), counted in FLOPs before training on a copy
+  of the model; the measured wall time leaves out each stage's first step (it compiles): count_flops,
+  plan_cost, costs, Watch. test_the_reported_cost_is_the_compute_the_run_did,
+  test_work_added_to_train_step_outside_forward_backward_is_in_the_cost,
+  test_devices.py::test_the_first_step_of_each_stage_is_left_out_of_its_time.
 - Same command, same numbers on a CPU, on a busy machine too (MKL's settings below), and fast steps on a CPU
   (keep_freed_memory). test_the_same_command_gives_the_same_weights_on_a_busy_machine; bench.py.
 """
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import io
@@ -130,7 +135,7 @@ def check_plan(tc, block_size, world_size, total, patch_steps):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, as every other input error
-        die(message, self.prog)
+        die(message, self.prog, says_why=first_process())
 
 
 def integer(text):
@@ -141,9 +146,16 @@ def integer(text):
     return int(value)
 
 
-def die(msg, prog="patchgpt", code=2):
-    print(f"{os.path.splitext(os.path.basename(prog))[0]}: error: {msg}", file=sys.stderr)
+def die(msg, prog="patchgpt", code=2, says_why=True):
+    if says_why:
+        print(f"{os.path.splitext(os.path.basename(prog))[0]}: error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+def first_process():
+    """Whether this is torchrun's first process (or the only one). Before the processes have joined, an
+    error (a bad flag) is every process's: the first alone says it, not each of them."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def run_main(action, prog):
@@ -375,19 +387,29 @@ def load_state(model, optimizer, ckpt):
 
 
 def count_flops(run):
-    """Before training, a sequence of each stage through run.forward_backward: its FLOPs per token, and under
-    DDP a parameter with no gradient in it. It draws no random number and leaves no gradient."""
+    """FLOPs per token of each stage, counted over one whole optimizer step of it: Run.train_step as the run
+    will call it (its micro-batches, clipping, AdamW, and whatever a learner adds there), made before
+    training on a copy of the model with an AdamW of its own and a copy of the batch generator. The run's
+    weights, gradients and random streams are left as they were. Under DDP a parameter that gets no gradient
+    in a stage is named here, before training, instead of by DDP's traceback at the next step."""
     flops = []
     for stage in run.stages:
-        x = torch.zeros((1, stage.K * run.mc.block_size), dtype=torch.long, device=run.device)
+        dry = copy.copy(run)  # the run's data and settings; a model, an optimizer and batches of its own
+        dry.raw_model = dry.model = copy.deepcopy(run.raw_model)  # not compiled, not DDP: local gradients
+        dry.optimizer = dry.raw_model.configure_optimizer(run.tc, run.device_type)
+        dry.rng = copy.deepcopy(run.rng)
+        got_grad = set()
+        for name, p in dry.raw_model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: got_grad.add(name))
         # the math kernel of attention is matmuls, which the counter knows on every device
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            run.forward_backward(run.raw_model, stage, x, x)
-        flops.append(counter.get_total_flops() / x.numel())
-        unused = [name for name, p in run.raw_model.named_parameters() if p.grad is None]
+        gpu = [run.device] if run.device_type == "cuda" else []  # the CPU's random stream, and this GPU's
+        with torch.random.fork_rng(devices=gpu), sdpa_kernel(SDPBackend.MATH):
+            with FlopCounterMode(display=False) as counter:
+                dry.train_step(stage, run.tc.lr)
+        flops.append(counter.get_total_flops() / (stage.tokens_per_step / run.world))  # this process's tokens
+        unused = [name for name, p in dry.raw_model.named_parameters() if name not in got_grad]
         if run.ddp and unused and not run.model.find_unused_parameters:
             raise UserError(f"{unused[0]} gets no gradient in the {stage.name} stage, which DDP forbids")
-        run.raw_model.zero_grad(set_to_none=True)
     return flops
 
 
@@ -540,7 +562,7 @@ def end_processes(code):
     others, then all exit with the highest code, and the first process that has it prints the line.
     Returns that code and whether this process prints."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return code, True
+        return code, first_process()
     codes = gather(code)
     says_why = codes.index(max(codes)) == torch.distributed.get_rank()
     if max(codes):  # torchrun sends SIGTERM to the others once one has exited with an error: keep this code

@@ -311,7 +311,7 @@ class Run:
         self.history = []  # the evaluations
         self.eval_due = False  # a stop came at an evaluation step: the resumed run evaluates first
         self.watch = guards.Watch(len(self.stages), self.device, self.ddp, self.log)  # clock, NaNs, Ctrl-C
-        self.flops = guards.count_flops(self)  # FLOPs per token of each stage, the measure of the run's cost
+        self.flops = guards.count_flops(self)  # FLOPs per token of each stage's step: the run's cost
 
     def save(self):
         ckpt = {
@@ -362,8 +362,9 @@ class Run:
         self.log(f"eval {stage.name} step {self.step}: val loss {loss:.4f} (ppl {math.exp(loss):.1f})")
 
     def train_step(self, stage, lr):
-        """One optimizer step: the gradient of grad_accum micro-batches, clipped, then AdamW.
-        Returns the mean loss of the micro-batches, not yet read (reading it would wait for the GPU)."""
+        """One optimizer step: the gradient of grad_accum micro-batches, clipped, then AdamW. Returns the mean
+        loss of the micro-batches, not yet read (reading it would wait for the GPU). Before training,
+        guards.count_flops makes one such step of each stage on a copy: whatever it computes is in the cost."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n = stage.micro_batch
@@ -384,8 +385,7 @@ class Run:
         return torch.stack(losses).mean()
 
     def forward_backward(self, model, stage, x, y):
-        """The work of one micro-batch: all that a step computes is here (a second forward, an extra loss),
-        so that guards.count_flops, which runs these lines too, counts it in the cost. Returns the loss."""
+        """The work of one micro-batch (a second forward or an extra loss goes here too). Returns the loss."""
         with self.ctx:
             _, loss = model(x, y, patch_size=stage.K)
         (loss / stage.grad_accum).backward()

@@ -256,23 +256,28 @@ def ddp_checks(rank, world, port, data_dir, root):
     run.evaluate(run.stages[-1])
     seen["val_loss"] = run.history[-1]["val_loss"]
 
-    class PatchOnly(P.GPT):  # a learner's change: a parameter used by the patch stage alone
-        def __init__(self, *args):
-            super().__init__(*args)
-            self.patch_gain = torch.nn.Parameter(torch.ones(()))
+    # a learner's change: a parameter that the patch stage alone uses, made where every run's model is made
+    # and used where a micro-batch's work is (no subclass of GPT: its signature is the learner's to change)
+    make_model, forward_backward = P.make_model, P.Run.forward_backward
 
-        def forward(self, idx, targets=None, patch_size=1):
-            logits, loss = super().forward(idx, targets, patch_size)
-            return logits, loss * self.patch_gain if patch_size > 1 else loss
+    def with_patch_gain(mc, tc):
+        model = make_model(mc, tc)
+        model.patch_gain = torch.nn.Parameter(torch.ones(()))
+        return model
 
-    GPT = P.GPT
-    P.GPT = PatchOnly
+    def patch_gain_used(run, model, stage, x, y):
+        loss = forward_backward(run, model, stage, x, y)
+        if stage.K > 1:
+            (run.raw_model.patch_gain * loss).backward()
+        return loss
+
+    P.make_model, P.Run.forward_backward = with_patch_gain, patch_gain_used
     try:
         P.train(TINY, replace(tc, out_dir=f"{root}/unused"), log=quiet)
     except guards.UserError as e:
         seen["unused"] = str(e)
         seen["unused_trained"] = os.path.exists(f"{root}/unused")  # train() makes out_dir before stage 1
-    P.GPT = GPT
+    P.make_model, P.Run.forward_backward = make_model, forward_backward
     torch.save(seen, f"{root}/rank{rank}.pt")
     guards.end_processes(0)  # as main() ends: the process group and gloo's threads go
 
@@ -375,6 +380,9 @@ def endings(rank, world, port, data_dir, root, ports):
     P.Run = Signalled
     seen["sigterm"] = main_as_a_process(cli("sigterm"), ports[4])
     P.Run = Run
+    # before the processes join: a bad value, a bad flag (each process meets it)
+    seen["bad_value"] = main_as_a_process(cli("bad", "--lr", "-1"), ports[0])
+    seen["bad_flag"] = main_as_a_process(cli("bad", "--k", "x"), ports[0])
     torch.save(seen, f"{root}/endings{rank}.pt")
 
 
@@ -421,3 +429,7 @@ def test_every_ending_of_a_torchrun_run_is_one_exit_code_and_one_line(two_proces
     assert r1["sigterm"][:3] == (130, [], [])
     ckpt = guards.load_checkpoint(tmp_path / "sigterm" / "ckpt.pt")
     assert (ckpt["stage_idx"], ckpt["step"]) == (1, 2)
+    # an error every process meets before they join: one line, not one per process
+    assert r0["bad_value"][:3] == (2, [], ["patchgpt: error: --lr must be in (0, 10], got -1"])
+    assert r0["bad_flag"][:3] == (2, [], ["patchgpt: error: argument --k: invalid integer value: 'x'"])
+    assert r1["bad_value"][:3] == r1["bad_flag"][:3] == (2, [], [])

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -346,9 +347,10 @@ def test_resumed_checkpoint_must_match_the_command(data_dir, tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------
 # the guarantees, each with every command-line flag turned on: a learner's new flag is checked, no new test
 
-# 3 steps of 4 sequences, 2 of them at K=2: the vocabulary's 50304 logits make every token count
+# 4 steps of 4 sequences of characters (fast: no 50304-row embedding), 2 of them at K=2, a checkpoint
+# after each
 FLAG_BASE = dict(
-    k=2, lam=0.5, tokens=3 * 64, tokens_per_step=64, micro_batch=4, eval_interval=100, eval_iters=1
+    k=2, lam=0.5, tokens=4 * 64, tokens_per_step=64, micro_batch=4, eval_interval=1, eval_iters=1
 )
 # flags whose runs start from other weights by design: another shape, another seed, a matrix of its own
 OTHER_START = ("block_size", "n_layer", "n_embd", "seed", "untied")
@@ -366,9 +368,7 @@ def flags_on(data_dir, tmp_path):
     mc, tc = TINY, tiny_train_config(data_dir, "", **FLAG_BASE)
     runs = []
     for f in fields(P.GPTConfig) + fields(P.TrainConfig):
-        if (
-            f.metadata.get("help") is None or f.name in guards.RESUMABLE
-        ):  # not a flag, or where and how it runs
+        if f.metadata.get("help") is None or f.name in guards.RESUMABLE:  # not a flag, or where it runs
             continue
         model = f in fields(P.GPTConfig)
         value = getattr(mc if model else tc, f.name)
@@ -390,13 +390,13 @@ def flags_on(data_dir, tmp_path):
     return runs
 
 
-def test_every_run_of_a_seed_starts_from_the_same_weights(data_dir, tmp_path):
+def test_every_run_of_a_seed_starts_from_the_same_weights(char_dir, tmp_path):
     """compare.py's fairness rests on it: with any flag on, a patch run and its K=1 baseline differ in their
     training alone; and a flag's run starts where the default K=1 run starts, but for another shape, seed or
     matrix. A module made for one K or stage alone, or drawn before the GPT, shifts the seed's random
     stream."""
-    default = P.Run(TINY, tiny_train_config(data_dir, "", k=1), log=quiet).raw_model.state_dict()
-    for name, mc, tc in flags_on(data_dir, tmp_path):
+    default = P.Run(TINY, tiny_train_config(char_dir, "", k=1), log=quiet).raw_model.state_dict()
+    for name, mc, tc in flags_on(char_dir, tmp_path):
         patch, baseline = P.Run(mc, tc, log=quiet), P.Run(mc, replace(tc, k=1), log=quiet)
         start, base = patch.raw_model.state_dict(), baseline.raw_model.state_dict()
         assert all(torch.equal(start[key], base[key]) for key in start.keys() & base.keys()), name
@@ -408,11 +408,9 @@ def test_every_run_of_a_seed_starts_from_the_same_weights(data_dir, tmp_path):
         assert patch.history[0]["val_loss"] == baseline.history[0]["val_loss"], name
 
 
-def test_the_reported_cost_is_the_compute_the_run_did(data_dir, tmp_path, monkeypatch):
-    """Counted in FLOPs in every optimizer step, with each flag on: a learner who adds work (a second forward,
-    K heads) or changes the plan (a third stage) gets it in the printed cost, summary.json and compare.py's
-    equal-compute baseline without a new formula."""
-    steps = []  # the FLOPs of each optimizer step of a run
+def count_steps(monkeypatch):
+    """Run.train_step counted from outside, whatever it does: the FLOPs of each call, in order."""
+    steps = []
     train_step = P.Run.train_step
 
     def counted(run, stage, lr):  # attention's math kernel is matmuls, which the counter counts
@@ -422,28 +420,136 @@ def test_the_reported_cost_is_the_compute_the_run_did(data_dir, tmp_path, monkey
         return loss
 
     monkeypatch.setattr(P.Run, "train_step", counted)
-    for name, mc, tc in flags_on(data_dir, tmp_path):
-        steps.clear()
-        lines = []
-        summary = P.train(mc, replace(tc, out_dir=str(tmp_path / name)), log=lines.append)
-        token_step = steps[-1]  # a token-level step: the last stage's
-        token_level = sum(summary["tokens"]) / tc.tokens_per_step * token_step  # the same tokens
-        assert summary["compute_cost"] == pytest.approx(sum(steps) / token_level, rel=1e-9), name
-        assert f"compute vs token-level training: {summary['compute_cost']:.3f}" in lines[0], name
-        assert f"compute {summary['compute_cost']:.3f}," in lines[-2], name
+    return steps
+
+
+@pytest.fixture(scope="module")
+def flag_runs(char_dir, tmp_path_factory):
+    """Each run of flags_on() trained once, for the tests that share it: (flag, model config, train config,
+    summary, printed lines, the FLOPs of each train_step call)."""
+    root = tmp_path_factory.mktemp("flags")
+    runs = []
+    with pytest.MonkeyPatch.context() as monkeypatch, one_thread():  # one: as the killed runs
+        steps = count_steps(monkeypatch)
+        for name, mc, tc in flags_on(char_dir, root):
+            steps.clear()
+            lines = []
+            tc = replace(tc, out_dir=str(root / name))
+            summary = P.train(mc, tc, log=lines.append)
+            runs.append((name, mc, tc, summary, lines, list(steps)))
+    return runs
+
+
+def assert_cost_is_what_the_steps_computed(summary, lines, steps, tc):
+    """The cost printed and saved is the FLOPs of the run's optimizer steps (the last calls counted: any
+    made before training are not the run's) against as many token-level steps."""
+    n = round(sum(summary["tokens"]) / tc.tokens_per_step)
+    trained = steps[-n:]
+    assert summary["compute_cost"] == pytest.approx(sum(trained) / (n * trained[-1]), rel=1e-9)
+    assert f"compute vs token-level training: {summary['compute_cost']:.3f}" in lines[0]
+    assert f"compute {summary['compute_cost']:.3f}," in lines[-2]
+    return trained
+
+
+def test_the_reported_cost_is_the_compute_the_run_did(flag_runs):
+    """Counted in FLOPs in every optimizer step, with each flag on: a learner who adds work (a second forward,
+    K heads) or changes the plan (a third stage) gets it in the printed cost, summary.json and compare.py's
+    equal-compute baseline without a new formula."""
+    for name, mc, tc, summary, lines, steps in flag_runs:
+        trained = assert_cost_is_what_the_steps_computed(summary, lines, steps, tc)
+        token_step = trained[-1]  # a token-level step: the last stage's
         # compare.py's equal-compute baseline of this run: as many token-level steps as its FLOPs buy
         lists = {"k": [tc.k], "lam": [tc.lam], "schedule": [tc.schedule]}
         tokens = next(n for run, *_, n in compare.plan_runs(mc, tc, lists) if "_cost" in run)
         baseline = P.plan_stages(replace(tc, k=1, tokens=tokens), mc.block_size)
-        assert abs(baseline[0].steps * token_step - sum(steps)) <= token_step / 2, name
+        assert abs(baseline[0].steps * token_step - sum(trained)) <= token_step / 2, name
+
+
+def test_work_added_to_train_step_outside_forward_backward_is_in_the_cost(data_dir, tmp_path, monkeypatch):
+    """A learner's extra pass written in train_step after its micro-batches: in the patch stage, a
+    token-level forward and backward of the first block_size tokens of each sequence. K=4, lam=0.5 then
+    costs 0.5 x (1/4 + 1/4) + 0.5 = 0.75 of token-level training, not the plan's 0.625."""
+    train_step = P.Run.train_step
+
+    def with_extra_pass(run, stage, lr):
+        loss = train_step(run, stage, lr)
+        if stage.K > 1:
+            x = torch.zeros((stage.micro_batch * stage.grad_accum, run.mc.block_size), dtype=torch.long)
+            run.raw_model(x, x)[1].backward()
+            run.raw_model.zero_grad(set_to_none=True)
+        return loss
+
+    monkeypatch.setattr(P.Run, "train_step", with_extra_pass)
+    steps = count_steps(monkeypatch)
+    lines = []
+    tc = tiny_train_config(data_dir, tmp_path / "run", k=4, tokens=16 * 16 * 8)
+    summary = P.train(TINY, tc, log=lines.append)
+    assert_cost_is_what_the_steps_computed(summary, lines, steps, tc)
+    assert summary["compute_cost"] == pytest.approx(0.75, abs=0.01)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread here, as in the killed runs: a run's bits depend on its thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)  # or every later test would run on one
+
+
+def killed_run(mc, tc):
+    """A run of flags_on() in a process of its own, killed with SIGKILL after its second optimizer step,
+    before that step's checkpoint; on one thread and attention's math kernel, as the shared runs."""
+    after_step = P.Run.after_step
+
+    def killed(run, i, stage, loss, lr):
+        if run.tokens_seen == 2 * run.tc.tokens_per_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return after_step(run, i, stage, loss, lr)
+
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        count_steps(monkeypatch)
+        monkeypatch.setattr(P.Run, "after_step", killed)
+        P.train(mc, tc, log=quiet)
+
+
+def test_every_flag_s_run_killed_and_resumed_ends_as_if_never_stopped(flag_runs):
+    """Exact resume with each flag on: its run killed mid-stage and resumed ends with the uninterrupted run's
+    weights and evaluations, bit for bit. A flag that keeps state outside the checkpoint (a schedule, a
+    module made at the switch, a random draw) fails here."""
+    # each killed run is forked from a server that imported this module once (no second of imports a run),
+    # and the next ones run while this process resumes one
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["test_patchgpt"])
+    waiting, running = list(flag_runs), []
+    while waiting or running:
+        if waiting and len(running) < 2:
+            name, mc, tc, *_ = waiting.pop(0)
+            killed = replace(tc, out_dir=tc.out_dir + "_killed")
+            running.append((name, mc, tc, killed, context.Process(target=killed_run, args=(mc, killed))))
+            running[-1][-1].start()
+            continue
+        name, mc, tc, killed, process = running.pop(0)
+        process.join(timeout=300)
+        assert process.exitcode == -signal.SIGKILL, f"{name}: the run was not killed ({process.exitcode})"
+        with pytest.MonkeyPatch.context() as monkeypatch, one_thread():  # as the shared runs
+            count_steps(monkeypatch)
+            resumed = P.train(mc, replace(killed, resume=True), log=quiet)
+        got, expected = final_weights(killed.out_dir), final_weights(tc.out_dir)
+        assert all(torch.equal(got[key], weights) for key, weights in expected.items()), name
+        with open(os.path.join(tc.out_dir, "summary.json")) as f:
+            assert resumed["history"] == json.load(f)["history"], name
 
 
 # the settings of the tiny run FLAG_BASE as a checkpoint of this version (2026-12) holds them, but its folder
 OLD_SETTINGS = (
     '{"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "untied": false}',
-    '{"k": 2, "lam": 0.5, "tokens": 192, "tokens_per_step": 64, "micro_batch": 4, "lr": 0.003, '
+    '{"k": 2, "lam": 0.5, "tokens": 256, "tokens_per_step": 64, "micro_batch": 4, "lr": 0.003, '
     '"min_lr": 0.0003, "warmup_iters": 2, "schedule": "restart", "decay_frac": 0.2, "weight_decay": 0.1, '
-    '"grad_clip": 1.0, "eval_interval": 100, "eval_iters": 1, "log_interval": 1, "val_bin": "", '
+    '"grad_clip": 1.0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1, "val_bin": "", '
     '"out_dir": "", "device": "cpu", "dtype": "float32", "compile": false, "seed": 7, "resume": false, '
     '"overwrite": false}',
 )
