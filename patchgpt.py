@@ -364,7 +364,7 @@ class Run:
     def train_step(self, stage, lr):
         """One optimizer step: the gradient of grad_accum micro-batches, clipped, then AdamW. Returns the mean
         loss of the micro-batches, not yet read (reading it would wait for the GPU). Before training,
-        guards.count_flops makes one such step of each stage on a copy: whatever it computes is in the cost."""
+        guards.count_flops makes one such step of each stage on a copy: all it computes is in the cost."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n = stage.micro_batch
