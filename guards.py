@@ -119,15 +119,16 @@ def validate(mc, tc):
         raise UserError("--resume continues the run in --out_dir and --overwrite discards it: pass one")
 
 
-def check_plan(tc, block_size, world_size, total, patch_steps):
-    """The checks of the stage plan (patchgpt.plan_stages): a step for each stage, and each stage's rows
-    of an optimizer step split evenly into sequences of K x block_size tokens on every process."""
-    if patch_steps == total:
+def check_plan(tc, block_size, world_size, layout):
+    """The checks of the stage plan (patchgpt.plan_stages), for each (name, K, steps) of its layout: a step
+    for the patch and the token stage, and an optimizer step's rows split evenly into sequences of
+    K x block_size tokens on every process."""
+    if layout[-1][2] == 0:
         raise UserError(f"--tokens {tc.tokens} leaves no step for the token stage; raise it or --lam")
-    if patch_steps == 0 and tc.k > 1:
+    if layout[0][2] == 0 and tc.k > 1:
         raise UserError(f"--tokens {tc.tokens} leaves no step for the patch stage; raise it or --lam")
     rows = tc.tokens_per_step // block_size
-    for K in (tc.k, 1):
+    for name, K, steps in layout:
         if tc.tokens_per_step % block_size or rows % (K * world_size):
             need = K * block_size * world_size
             raise UserError(f"--tokens_per_step must be a multiple of K x block_size x processes = {need}")

@@ -239,9 +239,10 @@ def plan_stages(tc, block_size, world_size=1):
     rows = tc.tokens_per_step // block_size  # token-level sequences per optimizer step
     total = max(1, round(tc.tokens / tc.tokens_per_step))
     patch_steps = round(tc.lam * total)
-    guards.check_plan(tc, block_size, world_size, total, patch_steps)  # a step for each stage, whole rows
+    layout = (("patch", tc.k, patch_steps), ("token", 1, total - patch_steps))
+    guards.check_plan(tc, block_size, world_size, layout)  # a step for each stage, whole sequences
     plan = []
-    for name, K, steps in (("patch", tc.k, patch_steps), ("token", 1, total - patch_steps)):
+    for name, K, steps in layout:
         if steps == 0:
             continue  # the baseline has no patch stage
         mine = rows // (K * world_size)  # this process's sequences per step
