@@ -403,7 +403,7 @@ def two_processes(data_dir, tmp_path_factory):
 
 
 def test_every_ending_of_a_torchrun_run_is_one_exit_code_and_one_line(two_processes):
-    """Issue 30: rank 1 returned at once while rank 0 still saved and summed up, and one finished run in
+    """Rank 1 used to return at once while rank 0 still saved and summed up, and one finished run in
     four ended FAILED: rank 1 aborted at exit (a gloo worker thread let go of its last collective's
     tensors as Python shut down). Now the processes agree on one ending, wait for each other, and main()
     returns only when gloo's threads are gone."""
