@@ -1,7 +1,8 @@
 """Turn text into train.bin, val.bin (GPT-2 token ids as raw uint16) and meta.json for patchgpt.py.
 With --chars the ids are characters instead (nanoGPT's shakespeare_char): the vocabulary is every character
 of the training text, in code point order, saved in meta.json; documents follow each other with no
-end-of-text mark, and a validation text with a character the training text lacks is refused.
+end-of-text mark, and a character of the validation text that the training text lacks is dropped (meta.json
+counts them as val_dropped): a model has no id for it, and the same val.bin serves every run.
 
 --input: a .txt file, a folder of .txt files (recursive, sorted) or a .jsonl file with a "text" string per
 line. Each file and each record is a document, followed by the end-of-text token (a literal <|endoftext|>
@@ -10,6 +11,7 @@ int(total * (1 - val_frac)); a .txt file is cut there (at a character's start), 
 """
 
 import argparse
+import collections
 import errno
 import functools
 import gzip
@@ -133,14 +135,13 @@ def get_encoding():
 
 
 def char_ids(chars, text):
-    """The ids of text's characters in chars (a vocabulary sorted by code point), as uint16."""
+    """The ids of text's characters in chars (a vocabulary sorted by code point), as uint16, without the
+    characters that chars lacks; and those characters, in text's order."""
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     vocab = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
     ids = np.minimum(np.searchsorted(vocab, codes), len(vocab) - 1)
-    unknown = sorted(set(text[i] for i in np.flatnonzero(vocab[ids] != codes)))
-    if unknown:
-        raise PrepareError(f"characters that are not in the vocabulary: {''.join(unknown)!r}")
-    return ids.astype(np.uint16)
+    known = vocab[ids] == codes
+    return ids[known].astype(np.uint16), [text[i] for i in np.flatnonzero(~known)]
 
 
 def write(f, data):
@@ -180,14 +181,14 @@ def prepare(
     try:
         with open(tmp["train.bin"], "wb") as train, open(tmp["val.bin"], "wb") as val:
             out, done, shown = {"train": train, "val": val}, 0, time.time()
+            dropped = collections.Counter()  # the validation text's characters that the vocabulary lacks
             for batch in batches(files, split_at, workers * CHUNK_CHARS):
                 if chars:  # only a validation text can have a character that is not in the vocabulary
-                    try:
-                        ids = [char_ids(vocab, text.replace(EOT, "")) for _, text, _ in batch]
-                    except PrepareError as e:
-                        raise PrepareError(
-                            f"{val_input or input_path}: the validation text has {e}"
-                        ) from None
+                    ids = []
+                    for _, text, _ in batch:
+                        piece_ids, lost = char_ids(vocab, text.replace(EOT, ""))
+                        ids.append(piece_ids)
+                        dropped.update(lost)
                 else:  # tiktoken releases the GIL while it encodes, so its threads really run in parallel
                     texts = [text for _, text, _ in batch]
                     ids = enc.encode_batch(texts, num_threads=workers, allowed_special={EOT})
@@ -203,6 +204,7 @@ def prepare(
                 raise PrepareError(f"{path}: no text for {split}.bin (try another --val_frac or --val_input)")
         if chars:
             meta = {"tokenizer": "chars", "vocab_size": len(vocab), "chars": vocab}
+            meta.update(val_dropped=sum(dropped.values()), val_dropped_chars="".join(sorted(dropped)))
         else:
             meta = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot_token": enc.eot_token}
         meta.update(dtype="uint16", train_tokens=counts["train"], val_tokens=counts["val"])
@@ -280,6 +282,9 @@ def main(argv=None):
         sys.exit(130)
     for split in ("train", "val"):
         print(f"{split}: {meta[split + '_tokens']:,} tokens -> {os.path.join(out_dir, split + '.bin')}")
+    if meta.get("val_dropped"):
+        n, lost = meta["val_dropped"], meta["val_dropped_chars"]
+        print(f"val: dropped {n:,} characters that the training text lacks ({len(lost)} distinct: {lost!r})")
     script = os.path.relpath(os.path.join(os.path.dirname(ASSETS), "patchgpt.py"))
     print("next:", shlex.join([os.path.basename(sys.executable), script, "--data_dir", out_dir]))
 

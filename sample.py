@@ -60,7 +60,12 @@ def sample(
     vocab = ckpt.get("vocab", {"tokenizer": "gpt2", "vocab_size": guards.GPT2_VOCAB, "chars": None})
     try:
         if vocab["chars"]:  # no prompt: the vocabulary's first character, a newline in most texts
-            ids = char_ids(vocab["chars"], prompt or vocab["chars"][0]).tolist()
+            ids, lost = char_ids(vocab["chars"], prompt or vocab["chars"][0])
+            if lost:
+                raise PrepareError(
+                    f"characters that are not in the vocabulary: {''.join(sorted(set(lost)))!r}"
+                )
+            ids = ids.tolist()
         else:
             enc = get_encoding()
             ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]

@@ -38,7 +38,7 @@ def test_chars_of_the_shipped_tiny_shakespeare_are_nanogpts_shakespeare_char(tmp
     assert decode(out, "train.bin") == text[:cut] and decode(out, "val.bin") == text[cut:]
 
 
-def test_chars_of_a_folder_and_a_val_input_and_the_refusal_of_an_unknown_character(tmp_path, capsys):
+def test_chars_of_a_folder_and_a_val_input_and_the_dropped_unknown_characters(tmp_path, capsys):
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("ab\n<|endoftext|>é\n")
     (tmp_path / "books" / "b.txt").write_text("ba c\n")
@@ -46,20 +46,19 @@ def test_chars_of_a_folder_and_a_val_input_and_the_refusal_of_an_unknown_charact
     out = tmp_path / "out"
     args = f"--chars --input {tmp_path}/books --val_input {tmp_path}/val.txt --out_dir {out}".split()
     prepare_data.main(args)
-    assert json.loads((out / "meta.json").read_text())["chars"] == "\n abcé"  # documents joined, no mark
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["chars"] == "\n abcé" and meta["val_dropped"] == 0  # documents joined, no mark
     assert decode(out, "train.bin") == "ab\né\nba c\n" and decode(out, "val.bin") == "cab é"
-    before = {name: (out / name).read_bytes() for name in prepare_data.OUTPUTS}
-    (tmp_path / "val.txt").write_text("abz!")  # characters the training text lacks
-    with pytest.raises(SystemExit) as exit_info:
-        prepare_data.main(args + ["--force"])
-    err = capsys.readouterr().err.strip().splitlines()
+    capsys.readouterr()
+    # characters the training text lacks: dropped from val.bin and counted, not a refusal
+    (tmp_path / "val.txt").write_text("a!bz!")
+    prepare_data.main(args + ["--force"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert decode(out, "val.bin") == "ab" and (meta["val_dropped"], meta["val_dropped_chars"]) == (3, "!z")
+    assert meta["val_tokens"] == 2 and meta["chars"] == "\n abcé"  # the training text's vocabulary
     assert (
-        exit_info.value.code == 2
-        and len(err) == 1
-        and "the validation text has" in err[0]
-        and "'!z'" in err[0]
+        "val: dropped 3 characters that the training text lacks (2 distinct: '!z')" in capsys.readouterr().out
     )
-    assert {name: (out / name).read_bytes() for name in prepare_data.OUTPUTS} == before  # nothing overwritten
 
 
 def stop_at(marker):
