@@ -465,6 +465,19 @@ def test_the_reported_cost_is_the_compute_the_run_did(flag_runs):
         assert abs(baseline[0].steps * token_step - sum(trained)) <= token_step / 2, name
 
 
+def test_counting_the_cost_leaves_the_run_as_it_was(data_dir):
+    """The count makes a real step of each stage, on a copy: the run's weights, gradients, batches and
+    random stream are those of a run that never counted."""
+    tc = tiny_train_config(data_dir, "", k=4)
+    run = P.Run(TINY, tc, log=quiet)
+    after_run = torch.get_rng_state()
+    fresh = P.make_model(run.mc, tc)
+    assert torch.equal(after_run, torch.get_rng_state())  # as if only the model had been made
+    assert all(torch.equal(w, fresh.state_dict()[k]) for k, w in run.raw_model.state_dict().items())
+    assert all(p.grad is None for p in run.raw_model.parameters())
+    assert run.rng.bit_generator.state == np.random.default_rng(tc.seed).bit_generator.state
+
+
 def test_work_added_to_train_step_outside_forward_backward_is_in_the_cost(data_dir, tmp_path, monkeypatch):
     """A learner's extra pass written in train_step after its micro-batches: in the patch stage, a
     token-level forward and backward of the first block_size tokens of each sequence. K=4, lam=0.5 then
