@@ -694,7 +694,7 @@ def kill_when(cmd, marker, sig=signal.SIGKILL):
     return proc.wait(timeout=120), "".join(seen)
 
 
-KILL_ARGS = ["--k", "2", "--lam", "0.5", "--tokens", str(16 * 16 * 60)]  # 30 patch steps, then 30 token steps
+KILL_ARGS = ["--k", "2", "--lam", "0.5", "--tokens", str(16 * 16 * 40)]  # 20 patch steps, then 20 token steps
 
 
 @pytest.fixture(scope="module")
@@ -735,9 +735,9 @@ def test_the_same_command_gives_the_same_weights_on_a_busy_machine(
 @pytest.mark.parametrize(
     "marker,load",
     [
-        ("patch K=2 step 7/30 ", None),
-        ("patch K=2 step 30/30 ", "busy_machine"),  # the switch, with a CPU-bound process beside it
-        ("token K=1 step 12/30 ", None),
+        ("patch K=2 step 7/20 ", None),
+        ("patch K=2 step 20/20 ", "busy_machine"),  # the switch, with a CPU-bound process beside it
+        ("token K=1 step 12/20 ", None),
     ],
 )
 def test_sigkill_then_resume_gives_identical_weights(
@@ -770,7 +770,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(data_dir, tmp_path, r
         step = ckpt["step"]
         after = printed[printed.index(f"{sig.name}: saving a checkpoint at the end of this step") :]
         first = next(line for line in after.splitlines() if " | tokens " in line)  # the step it came in
-        assert ckpt["stage_idx"] == i and first.startswith(f"{stage} step {step}/30 "), after
+        assert ckpt["stage_idx"] == i and first.startswith(f"{stage} step {step}/20 "), after
         # no evaluation at the stop: the last is an earlier step's, and one due now is the resumed run's
         assert [h["step"] for h in ckpt["history"] if stage.startswith(h["stage"])][-1] < step
         assert ckpt["eval_due"] == (step % 5 == 0)
