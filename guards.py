@@ -176,10 +176,8 @@ def run_main(action, prog):
     except Ended:  # the process that stopped first gives the code and the line
         pass
     code, says_why = end_processes(code)
-    if code and says_why:
-        die(error, prog, code)
     if code:
-        sys.exit(code)
+        die(error, prog, code, says_why)
     return result
 
 
