@@ -20,8 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import compare  # noqa: E402
 import patchgpt as P  # noqa: E402
 
-RECIPES = ("k2_lam0.25", "k2_lam0.5", "k4_lam0.6667")
-LABEL = {"k2_lam0.25": "K=2, λ=0.25", "k2_lam0.5": "K=2, λ=0.5", "k4_lam0.6667": "K=4, λ=2/3"}
+RECIPES = ("k2_lam0.25", "k2_lam0.5", "k4_lam0.6667", "k2_lam0.25_wsd", "k2_lam0.5_wsd")
+LABEL = {"k2_lam0.25": "K=2, λ=0.25", "k2_lam0.5": "K=2, λ=0.5", "k4_lam0.6667": "K=4, λ=2/3",
+         "k2_lam0.25_wsd": "K=2, λ=0.25, wsd", "k2_lam0.5_wsd": "K=2, λ=0.5, wsd"}
 # the paper's 370M data scaling (PPL, token-level vs K=4, lam=2/3 on the same tokens; PAPER.md)
 PAPER = [(45e9, 12.50, 12.84), (90e9, 11.71, 11.80), (180e9, 11.28, 11.17), (360e9, 10.94, 10.68)]
 PAPER_PARAMS = 370e6
@@ -127,7 +128,7 @@ def main(root, png=None):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         colors = {"k2_lam0.25": "tab:blue", "k2_lam0.5": "tab:orange", "k4_lam0.6667": "tab:green"}
         for ax, kind in zip(axes, ("compute", "data")):
-            for recipe in RECIPES:
+            for recipe in RECIPES[:3]:
                 rs = [r for r in rows if r["recipe"] == recipe and r["kind"] == kind and not r["point"].startswith("m")]
                 if not rs:
                     continue
