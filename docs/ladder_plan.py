@@ -40,6 +40,18 @@ def cost(n, k, lam):
     return (patch / k + total - patch) / total, total
 
 
+def role(point, group):
+    """What a group is, the same at every point: base_c1, a recipe, or base:<recipe> (its equal compute)."""
+    if group == "base_c1" or group in RECIPES:
+        return group
+    n = POINTS[point.rpartition("_")[2]]
+    return next(f"base:{r}" for r, (k, lam) in RECIPES.items() if group == f"base_c{cost(n, k, lam)[0]:.4g}")
+
+
+ORDER = {"base_c1": 0, "k2_lam0.25": 0, "base:k2_lam0.25": 0, "k2_lam0.5": 0.4, "base:k2_lam0.5": 0.4,
+         "k4_lam0.6667": 0.6, "base:k4_lam0.6667": 0.6}  # within a point: the recipe closest to a tie first
+
+
 def groups(point):
     """{group: flags without lr and seed} of one point: the recipes, their baselines, equal data."""
     prefix, _, p = point.rpartition("_")
@@ -101,6 +113,7 @@ def plan(res, queued):
         if not LR_RANGE[0] <= lr <= LR_RANGE[1]:
             return
         name = f"{point}__{group}_lr{lr_name(lr)}_s{seed}"
+        prio = f"{prio + ORDER[role(point, group)]:g}"
         if name not in queued:
             queued.add(name)
             new.append(f"{prio} {name} {flags} --lr {lr_name(lr)} --min_lr {lr_name(lr / 10)} --seed {seed}")
@@ -112,7 +125,8 @@ def plan(res, queued):
         for group, flags in groups(point).items():
             lr, settled, tried = best(res, point, group)
             prev = below(point)
-            c_lr, c_settled, _ = best(res, prev, group) if prev else (None, False, {})
+            prev_group = next((g for g in groups(prev) if role(prev, g) == role(point, group)), None) if prev else None
+            c_lr, c_settled, _ = best(res, prev, prev_group) if prev else (None, False, {})
             if point == "m1x64_n3M":  # the other model starts from the 2x64 model's best at the same point
                 c_lr, c_settled, _ = best(res, "n3M", group)
             if swept and prev and not c_settled and point != "m1x64_n3M":
