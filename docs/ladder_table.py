@@ -147,6 +147,7 @@ def main(root, png=None):
                 ax.plot(px, py, "k*--", ms=9, label="paper, 370M, K=4, λ=2/3 (nats per token)")
             ax.axhline(0, color="gray", lw=0.8)
             ax.set_xscale("log")
+            ax.set_xlim(4, 1500)
             ax.set_xlabel("training characters (paper: tokens) per parameter")
             ax.set_title(f"gap at equal {kind}: patch − token-level (nats)")
             ax.grid(alpha=0.3)
