@@ -126,16 +126,19 @@ def main(root, png=None):
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        colors = {"k2_lam0.25": "tab:blue", "k2_lam0.5": "tab:orange", "k4_lam0.6667": "tab:green"}
+        colors = {"k2_lam0.25": "tab:blue", "k2_lam0.5": "tab:orange", "k4_lam0.6667": "tab:green",
+                  "k2_lam0.25_wsd": "tab:blue", "k2_lam0.5_wsd": "tab:orange"}
         for ax, kind in zip(axes, ("compute", "data")):
-            for recipe in RECIPES[:3]:
+            for recipe in RECIPES:
                 rs = [r for r in rows if r["recipe"] == recipe and r["kind"] == kind and not r["point"].startswith("m")]
                 if not rs:
                     continue
                 x = [r["tokens"] / r["params"] for r in rs]
                 y = [r["gap"] for r in rs]
                 e = [r["sd"] or 0 for r in rs]
-                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colors[recipe], label=LABEL[recipe])
+                wsd = recipe.endswith("_wsd")
+                ax.errorbar(x, y, yerr=e, marker="^" if wsd else "o", ls="--" if wsd else "-", capsize=3,
+                            color=colors[recipe], alpha=0.6 if wsd else 1, label=LABEL[recipe])
                 rm = [r for r in rows if r["recipe"] == recipe and r["kind"] == kind and r["point"].startswith("m")]
                 if rm:
                     ax.errorbar([r["tokens"] / r["params"] for r in rm], [r["gap"] for r in rm],
