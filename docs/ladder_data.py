@@ -1,0 +1,48 @@
+"""The data of issue 35's tokens-per-parameter ladder (docs/results.md section 10): all the Gutenberg
+training books as characters, validated on the first 600,000 characters of the validation books.
+
+  python docs/ladder_data.py <the Gutenberg books' folder, with train/ and val/>
+
+prepare_data.py --chars refuses a validation character the training text lacks, so the validation text is
+written to data/ladder_val.txt with those dropped (their count is printed). Out: data/ladder_chars/.
+A run reads windows drawn at random from all of train.bin (about 100M characters), so a run of N << 100M
+characters reads about N distinct characters: text read about once.
+"""
+
+import os
+import subprocess
+import sys
+
+VAL_CHARS = 600_000
+
+
+def books(folder, n=None):
+    """The books in folder (file order), a blank line between books; the first n characters if n."""
+    parts, size = [], 0
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            parts.append(f.read().strip() + "\n\n")
+        size += len(parts[-1])
+        if n and size >= n:
+            break
+    text = "".join(parts)
+    return text[:n] if n else text
+
+
+def main(gutenberg):
+    os.makedirs("data", exist_ok=True)
+    known = set(books(os.path.join(gutenberg, "train")))
+    val = books(os.path.join(gutenberg, "val"), VAL_CHARS)
+    dropped = [c for c in val if c not in known]
+    val = "".join(c for c in val if c in known)
+    print(f"ladder: {len(known)} distinct training characters; validation {len(val):,} characters, "
+          f"{len(dropped)} dropped ({len(set(dropped))} distinct: {''.join(sorted(set(dropped)))!r})")
+    with open("data/ladder_val.txt", "w", encoding="utf-8") as f:
+        f.write(val)
+    if not os.path.exists("data/ladder_chars/meta.json"):
+        subprocess.run([sys.executable, "prepare_data.py", "--chars", "--input", os.path.join(gutenberg, "train"),
+                        "--val_input", "data/ladder_val.txt", "--out_dir", "data/ladder_chars"], check=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

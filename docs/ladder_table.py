@@ -1,0 +1,165 @@
+"""The tables and the plot of docs/results.md section 10 (issue 35's tokens-per-parameter ladder) from the
+runs of docs/ladder_queue.sh: every run's final val loss; per point and recipe its best learning rate
+against the best of its equal-compute baseline (base_c<cost>) and of the equal-data one (base_c1), seed by
+seed (seeds 1338 and 1339 ran at seed 1337's best rates); where the patch stage left the token-level loss
+against the training characters' unigram level; and the gaps against characters per parameter, beside
+the paper's 370M data-scaling points (per LLaMA-2 token; ours per character).
+
+  python docs/ladder_table.py out/ladder [docs/ladder_gap.png]
+"""
+
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import compare  # noqa: E402
+import patchgpt as P  # noqa: E402
+
+RECIPES = ("k2_lam0.25", "k2_lam0.5", "k4_lam0.6667", "k2_lam0.25_wsd", "k2_lam0.5_wsd")
+LABEL = {"k2_lam0.25": "K=2, λ=0.25", "k2_lam0.5": "K=2, λ=0.5", "k4_lam0.6667": "K=4, λ=2/3",
+         "k2_lam0.25_wsd": "K=2, λ=0.25, wsd", "k2_lam0.5_wsd": "K=2, λ=0.5, wsd"}
+# the paper's 370M data scaling (PPL, token-level vs K=4, lam=2/3 on the same tokens; PAPER.md)
+PAPER = [(45e9, 12.50, 12.84), (90e9, 11.71, 11.80), (180e9, 11.28, 11.17), (360e9, 10.94, 10.68)]
+PAPER_PARAMS = 370e6
+
+
+def point_key(point):
+    """n1M < n3M < ... ; the other model's points after."""
+    return point.startswith("m"), float(point.rpartition("n")[2][:-1])
+
+
+def load(root):
+    """{(point, group, lr, seed): summary.json}; point e.g. n3M or m1x64_n3M."""
+    runs = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "summary.json")
+        m = re.fullmatch(r"(.+)__(.+)_lr([\d.e-]+)_s(\d+)", name)
+        if m and os.path.exists(path):
+            with open(path) as f:
+                runs[m[1], m[2], float(m[3]), int(m[4])] = json.load(f)
+    return runs
+
+
+def n_params(s):
+    mc = P.GPTConfig(**{k: v for k, v in s["identity"].items() if k in P.GPTConfig.__dataclass_fields__})
+    return sum(p.numel() for p in P.GPT(mc).parameters())
+
+
+def switch_loss(s):
+    return [h["val_loss"] for h in s["history"] if h["stage"] == "patch"][-1]
+
+
+def best_lr(runs, point, group, seed=1337):
+    tried = {lr: s["val_loss"] for (p, g, lr, sd), s in runs.items() if (p, g, sd) == (point, group, seed)}
+    if not tried:
+        return None, {}
+    lr = min(tried, key=tried.get)
+    return lr, tried
+
+
+def lr_cell(lr, tried):
+    """The rates tried, the best in bold; "(edge)" when the best is the lowest or highest tried."""
+    lrs = sorted(tried)
+    edge = " (edge)" if len(lrs) < 3 or lr in (lrs[0], lrs[-1]) else ""
+    return ", ".join(f"**{x:g}**" if x == lr else f"{x:g}" for x in lrs) + edge
+
+
+def gap_rows(runs):
+    """Per (point, recipe, baseline kind): seeds, patch and baseline losses, the gap's mean and spread."""
+    points = sorted({p for p, *_ in runs}, key=point_key)
+    for point in points:
+        for recipe in RECIPES:
+            p_lr, p_tried = best_lr(runs, point, recipe)
+            if p_lr is None:
+                continue
+            patch = {sd: s for (p, g, lr, sd), s in runs.items() if (p, g, lr) == (point, recipe, p_lr)}
+            cost = next(iter(patch.values()))["compute_cost"]
+            for kind, base in (("compute", f"base_c{cost:.4g}"), ("data", "base_c1")):
+                b_lr, b_tried = best_lr(runs, point, base)
+                if b_lr is None:
+                    continue
+                bs = {sd: s for (p, g, lr, sd), s in runs.items() if (p, g, lr) == (point, base, b_lr)}
+                seeds = sorted(set(patch) & set(bs))
+                pl = np.array([patch[sd]["val_loss"] for sd in seeds])
+                bl = np.array([bs[sd]["val_loss"] for sd in seeds])
+                g = pl - bl
+                yield dict(point=point, recipe=recipe, kind=kind, cost=cost, base=base, seeds=seeds,
+                           p_lr=(p_lr, p_tried), b_lr=(b_lr, b_tried), patch=pl.mean(), baseline=bl.mean(),
+                           gap=g.mean(), sd=g.std(ddof=1) if len(g) > 1 else None, gaps=g,
+                           switch=np.mean([switch_loss(patch[sd]) for sd in seeds]),
+                           tokens=sum(next(iter(patch.values()))["tokens"]),
+                           params=n_params(next(iter(patch.values()))))
+
+
+def main(root, png=None):
+    runs = load(root)
+    uni = compare.unigram_loss("data/ladder_chars")
+    print("| point | run | lr | seed | characters | val loss | at the switch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for (point, group, lr, seed), s in sorted(runs.items(), key=lambda kv: (point_key(kv[0][0]), kv[0][1:])):
+        sw = f"{switch_loss(s):.4f}" if s["k"] > 1 else ""
+        print(f"| {point} | {group} | {lr:g} | {seed} | {sum(s['tokens']):,} | {s['val_loss']:.4f} | {sw} |")
+    rows = list(gap_rows(runs))
+    print(f"\nunigram level of the training characters: {uni:.4f} nats")
+    print("\n| point | chars/param | recipe | vs | lrs tried: patch; baseline | seeds | patch | baseline | gap |"
+          " at the switch |")
+    print("| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        spread = f" ± {r['sd']:.4f}" if r["sd"] is not None else ""
+        per = ", ".join(f"{x:+.4f}" for x in r["gaps"]) if len(r["gaps"]) > 1 else ""
+        vs = f"{r['base'].replace('base_c', 'equal compute ')}" if r["kind"] == "compute" else "equal data"
+        print(f"| {r['point']} | {r['tokens'] / r['params']:.0f} | {LABEL[r['recipe']]} | {vs} | "
+              f"{lr_cell(*r['p_lr'])}; {lr_cell(*r['b_lr'])} | {len(r['seeds'])} | {r['patch']:.4f} | "
+              f"{r['baseline']:.4f} | **{r['gap']:+.4f}**{spread}{' (' + per + ')' if per else ''} | "
+              f"{r['switch']:.3f} |")
+    if rows:
+        print(f"\nparameters: " + ", ".join(sorted({f"{r['point']}: {r['params']:,}" for r in rows})))
+    if png and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        colors = {"k2_lam0.25": "tab:blue", "k2_lam0.5": "tab:orange", "k4_lam0.6667": "tab:green",
+                  "k2_lam0.25_wsd": "tab:blue", "k2_lam0.5_wsd": "tab:orange"}
+        for ax, kind in zip(axes, ("compute", "data")):
+            for recipe in RECIPES:
+                rs = [r for r in rows if r["recipe"] == recipe and r["kind"] == kind and not r["point"].startswith("m")]
+                if not rs:
+                    continue
+                x = [r["tokens"] / r["params"] for r in rs]
+                y = [r["gap"] for r in rs]
+                e = [r["sd"] or 0 for r in rs]
+                wsd = recipe.endswith("_wsd")
+                ax.errorbar(x, y, yerr=e, marker="^" if wsd else "o", ls="--" if wsd else "-", capsize=3,
+                            color=colors[recipe], alpha=0.6 if wsd else 1, label=LABEL[recipe])
+                rm = [r for r in rows if r["recipe"] == recipe and r["kind"] == kind and r["point"].startswith("m")]
+                if rm:
+                    ax.errorbar([r["tokens"] / r["params"] for r in rm], [r["gap"] for r in rm],
+                                yerr=[r["sd"] or 0 for r in rm], marker="s", mfc="none", ls=":", capsize=3,
+                                color=colors[recipe], label=LABEL[recipe] + ", 1x64 model")
+            if kind == "data":
+                px = [t / PAPER_PARAMS for t, _, _ in PAPER]
+                py = [math.log(pp / bp) for _, bp, pp in PAPER]
+                ax.plot(px, py, "k*--", ms=9, label="paper, 370M, K=4, λ=2/3 (nats per token)")
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlim(4, 1500)
+            ax.set_xlabel("training characters (paper: tokens) per parameter")
+            ax.set_title(f"gap at equal {kind}: patch − token-level (nats)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("val loss gap (nats per character)")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        print(f"\nplot: {png}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
