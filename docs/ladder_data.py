@@ -35,13 +35,27 @@ def main(gutenberg):
     val = books(os.path.join(gutenberg, "val"), VAL_CHARS)
     dropped = [c for c in val if c not in known]
     val = "".join(c for c in val if c in known)
-    print(f"ladder: {len(known)} distinct training characters; validation {len(val):,} characters, "
-          f"{len(dropped)} dropped ({len(set(dropped))} distinct: {''.join(sorted(set(dropped)))!r})")
+    print(
+        f"ladder: {len(known)} distinct training characters; validation {len(val):,} characters, "
+        f"{len(dropped)} dropped ({len(set(dropped))} distinct: {''.join(sorted(set(dropped)))!r})"
+    )
     with open("data/ladder_val.txt", "w", encoding="utf-8") as f:
         f.write(val)
     if not os.path.exists("data/ladder_chars/meta.json"):
-        subprocess.run([sys.executable, "prepare_data.py", "--chars", "--input", os.path.join(gutenberg, "train"),
-                        "--val_input", "data/ladder_val.txt", "--out_dir", "data/ladder_chars"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "prepare_data.py",
+                "--chars",
+                "--input",
+                os.path.join(gutenberg, "train"),
+                "--val_input",
+                "data/ladder_val.txt",
+                "--out_dir",
+                "data/ladder_chars",
+            ],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

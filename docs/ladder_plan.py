@@ -48,8 +48,15 @@ def role(point, group):
     return next(f"base:{r}" for r, (k, lam) in RECIPES.items() if group == f"base_c{cost(n, k, lam)[0]:.4g}")
 
 
-ORDER = {"base_c1": 0, "k2_lam0.25": 0, "base:k2_lam0.25": 0, "k2_lam0.5": 0.4, "base:k2_lam0.5": 0.4,
-         "k4_lam0.6667": 0.6, "base:k4_lam0.6667": 0.6}  # within a point: the recipe closest to a tie first
+ORDER = {
+    "base_c1": 0,
+    "k2_lam0.25": 0,
+    "base:k2_lam0.25": 0,
+    "k2_lam0.5": 0.4,
+    "base:k2_lam0.5": 0.4,
+    "k4_lam0.6667": 0.6,
+    "base:k4_lam0.6667": 0.6,
+}  # within a point: the recipe closest to a tie first
 
 
 def groups(point):
@@ -125,7 +132,9 @@ def plan(res, queued):
         for group, flags in groups(point).items():
             lr, settled, tried = best(res, point, group)
             prev = below(point)
-            prev_group = next((g for g in groups(prev) if role(prev, g) == role(point, group)), None) if prev else None
+            prev_group = (
+                next((g for g in groups(prev) if role(prev, g) == role(point, group)), None) if prev else None
+            )
             c_lr, c_settled, _ = best(res, prev, prev_group) if prev else (None, False, {})
             if point == "m1x64_n3M":  # the other model starts from the 2x64 model's best at the same point
                 c_lr, c_settled, _ = best(res, "n3M", group)
@@ -137,7 +146,9 @@ def plan(res, queued):
             if not swept:
                 if not c_settled:
                     continue
-                want(prio, point, group, centre, 1337, flags)  # first the rate carried over, then half and double
+                want(
+                    prio, point, group, centre, 1337, flags
+                )  # first the rate carried over, then half and double
                 want(prio + 2, point, group, centre / 2, 1337, flags)
                 want(prio + 2, point, group, centre * 2, 1337, flags)
                 if lr and len(tried) >= 3 and not settled:

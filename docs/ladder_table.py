@@ -21,8 +21,13 @@ import compare  # noqa: E402
 import patchgpt as P  # noqa: E402
 
 RECIPES = ("k2_lam0.25", "k2_lam0.5", "k4_lam0.6667", "k2_lam0.25_wsd", "k2_lam0.5_wsd")
-LABEL = {"k2_lam0.25": "K=2, λ=0.25", "k2_lam0.5": "K=2, λ=0.5", "k4_lam0.6667": "K=4, λ=2/3",
-         "k2_lam0.25_wsd": "K=2, λ=0.25, wsd", "k2_lam0.5_wsd": "K=2, λ=0.5, wsd"}
+LABEL = {
+    "k2_lam0.25": "K=2, λ=0.25",
+    "k2_lam0.5": "K=2, λ=0.5",
+    "k4_lam0.6667": "K=4, λ=2/3",
+    "k2_lam0.25_wsd": "K=2, λ=0.25, wsd",
+    "k2_lam0.5_wsd": "K=2, λ=0.5, wsd",
+}
 # the paper's 370M data scaling (PPL, token-level vs K=4, lam=2/3 on the same tokens; PAPER.md)
 PAPER = [(45e9, 12.50, 12.84), (90e9, 11.71, 11.80), (180e9, 11.28, 11.17), (360e9, 10.94, 10.68)]
 PAPER_PARAMS = 370e6
@@ -88,12 +93,24 @@ def gap_rows(runs):
                 pl = np.array([patch[sd]["val_loss"] for sd in seeds])
                 bl = np.array([bs[sd]["val_loss"] for sd in seeds])
                 g = pl - bl
-                yield dict(point=point, recipe=recipe, kind=kind, cost=cost, base=base, seeds=seeds,
-                           p_lr=(p_lr, p_tried), b_lr=(b_lr, b_tried), patch=pl.mean(), baseline=bl.mean(),
-                           gap=g.mean(), sd=g.std(ddof=1) if len(g) > 1 else None, gaps=g,
-                           switch=np.mean([switch_loss(patch[sd]) for sd in seeds]),
-                           tokens=sum(next(iter(patch.values()))["tokens"]),
-                           params=n_params(next(iter(patch.values()))))
+                yield dict(
+                    point=point,
+                    recipe=recipe,
+                    kind=kind,
+                    cost=cost,
+                    base=base,
+                    seeds=seeds,
+                    p_lr=(p_lr, p_tried),
+                    b_lr=(b_lr, b_tried),
+                    patch=pl.mean(),
+                    baseline=bl.mean(),
+                    gap=g.mean(),
+                    sd=g.std(ddof=1) if len(g) > 1 else None,
+                    gaps=g,
+                    switch=np.mean([switch_loss(patch[sd]) for sd in seeds]),
+                    tokens=sum(next(iter(patch.values()))["tokens"]),
+                    params=n_params(next(iter(patch.values()))),
+                )
 
 
 def main(root, png=None):
@@ -106,19 +123,23 @@ def main(root, png=None):
         print(f"| {point} | {group} | {lr:g} | {seed} | {sum(s['tokens']):,} | {s['val_loss']:.4f} | {sw} |")
     rows = list(gap_rows(runs))
     print(f"\nunigram level of the training characters: {uni:.4f} nats")
-    print("\n| point | chars/param | recipe | vs | lrs tried: patch; baseline | seeds | patch | baseline | gap |"
-          " at the switch |")
+    print(
+        "\n| point | chars/param | recipe | vs | lrs tried: patch; baseline | seeds | patch | baseline "
+        "| gap | at the switch |"
+    )
     print("| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         spread = f" ± {r['sd']:.4f}" if r["sd"] is not None else ""
         per = ", ".join(f"{x:+.4f}" for x in r["gaps"]) if len(r["gaps"]) > 1 else ""
         vs = f"{r['base'].replace('base_c', 'equal compute ')}" if r["kind"] == "compute" else "equal data"
-        print(f"| {r['point']} | {r['tokens'] / r['params']:.0f} | {LABEL[r['recipe']]} | {vs} | "
-              f"{lr_cell(*r['p_lr'])}; {lr_cell(*r['b_lr'])} | {len(r['seeds'])} | {r['patch']:.4f} | "
-              f"{r['baseline']:.4f} | **{r['gap']:+.4f}**{spread}{' (' + per + ')' if per else ''} | "
-              f"{r['switch']:.3f} |")
+        print(
+            f"| {r['point']} | {r['tokens'] / r['params']:.0f} | {LABEL[r['recipe']]} | {vs} | "
+            f"{lr_cell(*r['p_lr'])}; {lr_cell(*r['b_lr'])} | {len(r['seeds'])} | {r['patch']:.4f} | "
+            f"{r['baseline']:.4f} | **{r['gap']:+.4f}**{spread}{' (' + per + ')' if per else ''} | "
+            f"{r['switch']:.3f} |"
+        )
     if rows:
-        print(f"\nparameters: " + ", ".join(sorted({f"{r['point']}: {r['params']:,}" for r in rows})))
+        print("\nparameters: " + ", ".join(sorted({f"{r['point']}: {r['params']:,}" for r in rows})))
     if png and rows:
         import matplotlib
 
@@ -126,24 +147,54 @@ def main(root, png=None):
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        colors = {"k2_lam0.25": "tab:blue", "k2_lam0.5": "tab:orange", "k4_lam0.6667": "tab:green",
-                  "k2_lam0.25_wsd": "tab:blue", "k2_lam0.5_wsd": "tab:orange"}
+        colors = {
+            "k2_lam0.25": "tab:blue",
+            "k2_lam0.5": "tab:orange",
+            "k4_lam0.6667": "tab:green",
+            "k2_lam0.25_wsd": "tab:blue",
+            "k2_lam0.5_wsd": "tab:orange",
+        }
         for ax, kind in zip(axes, ("compute", "data")):
             for recipe in RECIPES:
-                rs = [r for r in rows if r["recipe"] == recipe and r["kind"] == kind and not r["point"].startswith("m")]
+                rs = [
+                    r
+                    for r in rows
+                    if r["recipe"] == recipe and r["kind"] == kind and not r["point"].startswith("m")
+                ]
                 if not rs:
                     continue
                 x = [r["tokens"] / r["params"] for r in rs]
                 y = [r["gap"] for r in rs]
                 e = [r["sd"] or 0 for r in rs]
                 wsd = recipe.endswith("_wsd")
-                ax.errorbar(x, y, yerr=e, marker="^" if wsd else "o", ls="--" if wsd else "-", capsize=3,
-                            color=colors[recipe], alpha=0.6 if wsd else 1, label=LABEL[recipe])
-                rm = [r for r in rows if r["recipe"] == recipe and r["kind"] == kind and r["point"].startswith("m")]
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=e,
+                    marker="^" if wsd else "o",
+                    ls="--" if wsd else "-",
+                    capsize=3,
+                    color=colors[recipe],
+                    alpha=0.6 if wsd else 1,
+                    label=LABEL[recipe],
+                )
+                rm = [
+                    r
+                    for r in rows
+                    if r["recipe"] == recipe and r["kind"] == kind and r["point"].startswith("m")
+                ]
                 if rm:
-                    ax.errorbar([r["tokens"] / r["params"] for r in rm], [r["gap"] for r in rm],
-                                yerr=[r["sd"] or 0 for r in rm], marker="s", mfc="none", ls=":", capsize=3,
-                                color=colors[recipe], label=LABEL[recipe] + ", 1x64 model")
+                    ax.errorbar(
+                        [r["tokens"] / r["params"] for r in rm],
+                        [r["gap"] for r in rm],
+                        yerr=[r["sd"] or 0 for r in rm],
+                        marker="s",
+                        mfc="none",
+                        ls=":",
+                        capsize=3,
+                        color=colors[recipe],
+                        label=LABEL[recipe] + ", 1x64 model",
+                    )
             if kind == "data":
                 px = [t / PAPER_PARAMS for t, _, _ in PAPER]
                 py = [math.log(pp / bp) for _, bp, pp in PAPER]

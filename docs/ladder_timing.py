@@ -17,8 +17,10 @@ def run(name):
     return s, user + system
 
 
-print("| chars/step | recipe | patch stage chars/s (CPU) | token stage chars/s (CPU) | patch / token | "
-      "chars/s by wall clock (patch; token) | compute cost | CPU cost | wall cost (patchgpt.py) |")
+print(
+    "| chars/step | recipe | patch stage chars/s (CPU) | token stage chars/s (CPU) | patch / token | "
+    "chars/s by wall clock (patch; token) | compute cost | CPU cost | wall cost (patchgpt.py) |"
+)
 print("| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
 fixed_all = []
 for tps in (768, 3072):
@@ -26,14 +28,19 @@ for tps in (768, 3072):
     tok_cpu = (c2 - c1) / S  # CPU seconds per token step
     fixed = c1 - S * tok_cpu
     fixed_all.append(f"{fixed:.1f} at {tps}")
-    print(f"| {tps} | token-level | | {tps / tok_cpu:,.0f} | | ; {s2['tok_s'][0]:,.0f} | 1.000 | 1.000 | 1.000 |")
+    print(
+        f"| {tps} | token-level | | {tps / tok_cpu:,.0f} | | ; {s2['tok_s'][0]:,.0f} "
+        "| 1.000 | 1.000 | 1.000 |"
+    )
     for name in (f"t{tps}_k2a", f"t{tps}_k4a"):
         s, c = run(name)
         steps = [round(n / tps) for n in s["tokens"]]
         patch_cpu = (c - fixed - steps[1] * tok_cpu) / steps[0]
         cpu_cost = (c - fixed) / ((steps[0] + steps[1]) * tok_cpu)
         wall = "; ".join(f"{x:,.0f}" for x in s["tok_s"])
-        print(f"| {tps} | K={s['k']}, λ={s['lam']:g} | {tps / patch_cpu:,.0f} | {tps / tok_cpu:,.0f} | "
-              f"{tok_cpu / patch_cpu:.2f} | {wall} | {s['compute_cost']:.3f} | {cpu_cost:.3f} | "
-              f"{s['measured_cost']:.3f} |")
+        print(
+            f"| {tps} | K={s['k']}, λ={s['lam']:g} | {tps / patch_cpu:,.0f} | {tps / tok_cpu:,.0f} | "
+            f"{tok_cpu / patch_cpu:.2f} | {wall} | {s['compute_cost']:.3f} | {cpu_cost:.3f} | "
+            f"{s['measured_cost']:.3f} |"
+        )
 print(f"\nfixed CPU seconds of a run (start, data, evaluation) at characters a step: {', '.join(fixed_all)}")
