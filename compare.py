@@ -87,9 +87,8 @@ def plan_runs(mc, tc, lists):
                 if K > 1 and lam > 0:
                     runs.append((f"{pre}patch_k{K}_lam{lam:g}", schedule, K, lam, N))
                     run = P.Run(mc, replace(tc, k=K, lam=lam, schedule=schedule), log=lambda *a: None)
-                    costs.append(
-                        cost(guards.plan_cost(run.stages, run.flops))
-                    )  # the cost the run will report
+                    # the cost the run will report
+                    costs.append(cost(guards.plan_cost(run.stages, run.flops)))
         runs += [
             (f"{base}baseline_cost{c:g}", family(schedule), 1, 0.0, round(c * N)) for c in sorted(set(costs))
         ]

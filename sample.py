@@ -62,15 +62,14 @@ def sample(
         if vocab["chars"]:  # no prompt: the vocabulary's first character, a newline in most texts
             ids, lost = char_ids(vocab["chars"], prompt or vocab["chars"][0])
             if lost:
-                raise PrepareError(
-                    f"characters that are not in the vocabulary: {''.join(sorted(set(lost)))!r}"
-                )
+                unknown = "".join(sorted(set(lost)))
+                raise guards.UserError(f"--prompt: characters that are not in the vocabulary: {unknown!r}")
             ids = ids.tolist()
         else:
             enc = get_encoding()
             ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]
-    except PrepareError as e:
-        raise guards.UserError(f"--prompt: {e}" if vocab["chars"] else str(e)) from None
+    except PrepareError as e:  # no GPT-2 tokenizer here
+        raise guards.UserError(str(e)) from None
     torch.manual_seed(seed)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     rows = generate(model, x, max_new_tokens, temperature, top_k, vocab["vocab_size"])

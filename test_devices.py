@@ -20,7 +20,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import bench
 import guards
 import patchgpt as P
-from test_patchgpt import TINY, final_weights, quiet, tiny_cli, tiny_train_config
+from test_patchgpt import TINY, final_weights, one_thread, quiet, tiny_cli, tiny_train_config
 
 # ---------------------------------------------------------------------------------------------
 # --compile and --dtype bfloat16
@@ -197,12 +197,8 @@ def test_ddp_two_processes_match_each_other_and_one_process(data_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt.pt", "summary.json"]
     # one process with the same tokens per step sees the same batches: same accounting, same weights
     tc = tiny_train_config(data_dir, tmp_path / "single", micro_batch=4, tokens=16 * 16 * 12)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each DDP process ran; restored, or every later test would run on one
-    try:
+    with one_thread():  # as each DDP process ran
         summary = P.train(TINY, tc, log=quiet)
-    finally:
-        torch.set_num_threads(threads)
     assert r0["summary"]["tokens"] == summary["tokens"] and r0["steps"] == [
         s.steps for s in P.plan_stages(tc, 16)
     ]

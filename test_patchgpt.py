@@ -503,7 +503,8 @@ def test_work_added_to_train_step_outside_forward_backward_is_in_the_cost(data_d
 
 @contextlib.contextmanager
 def one_thread():
-    """Torch on one thread here, as in the killed runs: a run's bits depend on its thread count."""
+    """Torch on one thread in this block, as in another process that ran on one: a run's bits depend on
+    its thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -533,21 +534,20 @@ def test_every_flag_s_run_killed_and_resumed_ends_as_if_never_stopped(flag_runs)
     """Exact resume with each flag on: its run killed mid-stage and resumed ends with the uninterrupted run's
     weights and evaluations, bit for bit. A flag that keeps state outside the checkpoint (a schedule, a
     module made at the switch, a random draw) fails here."""
-    # each killed run is forked from a server that imported this module once (no second of imports a run),
-    # and the next ones run while this process resumes one
+    # each killed run is forked from a server that imported this module once (no second of imports a run)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["test_patchgpt"])
-    waiting, running = list(flag_runs), []
-    while waiting or running:
-        if waiting and len(running) < 2:
-            name, mc, tc, *_ = waiting.pop(0)
-            killed = replace(tc, out_dir=tc.out_dir + "_killed")
-            running.append((name, mc, tc, killed, context.Process(target=killed_run, args=(mc, killed))))
-            running[-1][-1].start()
-            continue
-        name, mc, tc, killed, process = running.pop(0)
-        process.join(timeout=300)
-        assert process.exitcode == -signal.SIGKILL, f"{name}: the run was not killed ({process.exitcode})"
+    killed_runs = [replace(tc, out_dir=tc.out_dir + "_killed") for _, _, tc, *_ in flag_runs]
+    processes = [
+        context.Process(target=killed_run, args=(mc, k)) for (_, mc, *_), k in zip(flag_runs, killed_runs)
+    ]
+    processes[0].start()
+    for i, (name, mc, tc, *_) in enumerate(flag_runs):
+        if i + 1 < len(processes):
+            processes[i + 1].start()  # the next run goes on while this process resumes this one
+        killed = killed_runs[i]
+        processes[i].join(timeout=300)
+        assert processes[i].exitcode == -signal.SIGKILL, f"{name}: not killed ({processes[i].exitcode})"
         with pytest.MonkeyPatch.context() as monkeypatch, one_thread():  # as the shared runs
             count_steps(monkeypatch)
             resumed = P.train(mc, replace(killed, resume=True), log=quiet)

@@ -8,15 +8,15 @@ the paper's 370M data-scaling points (per LLaMA-2 token; ours per character).
   python docs/ladder_table.py out/ladder [docs/ladder_gap.png]
 """
 
-import json
 import math
 import os
-import re
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import char_table  # noqa: E402
+
 import compare  # noqa: E402
 import patchgpt as P  # noqa: E402
 
@@ -39,14 +39,13 @@ def point_key(point):
 
 
 def load(root):
-    """{(point, group, lr, seed): summary.json}; point e.g. n3M or m1x64_n3M."""
+    """{(point, group, lr, seed): summary.json}; point e.g. n3M or m1x64_n3M: char_table.load's runs, whose
+    names are <point>__<group>."""
     runs = {}
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name, "summary.json")
-        m = re.fullmatch(r"(.+)__(.+)_lr([\d.e-]+)_s(\d+)", name)
-        if m and os.path.exists(path):
-            with open(path) as f:
-                runs[m[1], m[2], float(m[3]), int(m[4])] = json.load(f)
+    for (name, lr, seed), summary in char_table.load(root).items():
+        point, sep, group = name.partition("__")
+        if sep:
+            runs[point, group, lr, seed] = summary
     return runs
 
 
