@@ -20,13 +20,14 @@ import char_table  # noqa: E402
 import compare  # noqa: E402
 import patchgpt as P  # noqa: E402
 
-RECIPES = ("k2_lam0.25", "k2_lam0.5", "k4_lam0.6667", "k2_lam0.25_wsd", "k2_lam0.5_wsd")
+RECIPES = ("k2_lam0.25", "k2_lam0.5", "k4_lam0.6667", "k2_lam0.25_wsd", "k2_lam0.5_wsd", "k4_lam0.6667_agg")
 LABEL = {
     "k2_lam0.25": "K=2, λ=0.25",
     "k2_lam0.5": "K=2, λ=0.5",
     "k4_lam0.6667": "K=4, λ=2/3",
     "k2_lam0.25_wsd": "K=2, λ=0.25, wsd",
     "k2_lam0.5_wsd": "K=2, λ=0.5, wsd",
+    "k4_lam0.6667_agg": "K=4, λ=2/3, learned aggregation",
 }
 # the paper's 370M data scaling (PPL, token-level vs K=4, lam=2/3 on the same tokens; PAPER.md)
 PAPER = [(45e9, 12.50, 12.84), (90e9, 11.71, 11.80), (180e9, 11.28, 11.17), (360e9, 10.94, 10.68)]
@@ -83,7 +84,15 @@ def gap_rows(runs):
                 continue
             patch = {sd: s for (p, g, lr, sd), s in runs.items() if (p, g, lr) == (point, recipe, p_lr)}
             cost = next(iter(patch.values()))["compute_cost"]
-            for kind, base in (("compute", f"base_c{cost:.4g}"), ("data", "base_c1")):
+            # the learned aggregation's layer adds some compute (0.52 at K=4): it meets the mean's baseline
+            plain = recipe.removesuffix("_agg")
+            cost = next(
+                (s["compute_cost"] for (p, g, *_), s in runs.items() if (p, g) == (point, plain)), cost
+            )
+            bases = [("compute", f"base_c{cost:.4g}"), ("data", "base_c1")]
+            if recipe.endswith("_wsd"):  # and against baselines of the same schedule, where they ran
+                bases += [("compute", f"base_c{cost:.4g}_wsd"), ("data", "base_c1_wsd")]
+            for kind, base in bases:
                 b_lr, b_tried = best_lr(runs, point, base)
                 if b_lr is None:
                     continue
@@ -112,6 +121,60 @@ def gap_rows(runs):
                 )
 
 
+def trend(rows, last=3):
+    """Where each gap's trend would cross zero: a straight line through the gap against log10(characters per
+    parameter) at the last three rungs of the ladder's model (cosine baselines), with the range that the
+    slope's standard error gives (one degree of freedom: a direction, not a prediction)."""
+    print("\n| recipe | vs | rungs (chars/param) | gap per decade | crosses zero at (chars/param) |")
+    print("| --- | --- | --- | ---: | --- |")
+    for recipe in RECIPES:
+        for kind in ("compute", "data"):
+            rs = [
+                r
+                for r in rows
+                if (r["recipe"], r["kind"]) == (recipe, kind)
+                and r["point"].startswith("n")
+                and not r["base"].endswith("_wsd")
+            ][-last:]
+            if len(rs) < last:
+                continue
+            x = np.log10([r["tokens"] / r["params"] for r in rs])
+            y = np.array([r["gap"] for r in rs])
+            (slope, _), cov = np.polyfit(x, y, 1, cov=True)
+            se = math.sqrt(cov[0, 0])
+            # the line turns about the rungs' centre, so the range is the slope's alone
+            cross = [
+                10 ** (x.mean() - y.mean() / m) if m < 0 else math.inf
+                for m in (slope - se, slope, slope + se)
+            ]
+            show = ["over 100,000" if c > 1e5 else f"{c:,.0f}" for c in cross]
+            at = "never (the gap does not fall)" if slope >= 0 else f"{show[1]} ({show[0]} to {show[2]})"
+            pts = ", ".join(f"{r['tokens'] / r['params']:.0f}" for r in rs)
+            print(f"| {LABEL[recipe]} | equal {kind} | {pts} | {slope:+.3f} ± {se:.3f} | {at} |")
+
+
+def speed(runs):
+    """Item 4: each stage's characters a second (wall clock, as the runs logged them) and a run's measured
+    wall cost against its compute cost (patchgpt.py's own count: each stage's time at its own speed), per
+    recipe over its runs of 3,072 characters a step. Runs shared 2 vCPUs with one or two others."""
+    print(
+        "\n| recipe | runs | patch stage chars/s | token stage chars/s | compute cost | wall cost (range) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for recipe in RECIPES:
+        ss = [s for (p, g, *_), s in runs.items() if g == recipe and s["identity"]["tokens_per_step"] == 3072]
+        if not ss:
+            continue
+        wall = [s["measured_cost"] for s in ss]
+        patch = np.median([s["tok_s"][0] for s in ss])
+        token = np.median([s["tok_s"][1] for s in ss])
+        cost = np.median([s["compute_cost"] for s in ss])
+        print(
+            f"| {LABEL[recipe]} | {len(ss)} | {patch:,.0f} | {token:,.0f} | {cost:.3f} | "
+            f"{np.median(wall):.3f} ({min(wall):.3f}-{max(wall):.3f}) |"
+        )
+
+
 def main(root, png=None):
     runs = load(root)
     uni = compare.unigram_loss("data/ladder_chars")
@@ -131,6 +194,7 @@ def main(root, png=None):
         spread = f" ± {r['sd']:.4f}" if r["sd"] is not None else ""
         per = ", ".join(f"{x:+.4f}" for x in r["gaps"]) if len(r["gaps"]) > 1 else ""
         vs = f"{r['base'].replace('base_c', 'equal compute ')}" if r["kind"] == "compute" else "equal data"
+        vs = vs.replace("_wsd", "") + (", wsd" if r["base"].endswith("_wsd") else "")
         print(
             f"| {r['point']} | {r['tokens'] / r['params']:.0f} | {LABEL[r['recipe']]} | {vs} | "
             f"{lr_cell(*r['p_lr'])}; {lr_cell(*r['b_lr'])} | {len(r['seeds'])} | {r['patch']:.4f} | "
@@ -139,6 +203,8 @@ def main(root, png=None):
         )
     if rows:
         print("\nparameters: " + ", ".join(sorted({f"{r['point']}: {r['params']:,}" for r in rows})))
+        trend(rows)
+        speed(runs)
     if png and rows:
         import matplotlib
 
@@ -152,53 +218,46 @@ def main(root, png=None):
             "k4_lam0.6667": "tab:green",
             "k2_lam0.25_wsd": "tab:blue",
             "k2_lam0.5_wsd": "tab:orange",
+            "k4_lam0.6667_agg": "tab:green",
         }
         for ax, kind in zip(axes, ("compute", "data")):
             for recipe in RECIPES:
-                rs = [
-                    r
-                    for r in rows
-                    if r["recipe"] == recipe and r["kind"] == kind and not r["point"].startswith("m")
-                ]
-                if not rs:
-                    continue
-                x = [r["tokens"] / r["params"] for r in rs]
-                y = [r["gap"] for r in rs]
-                e = [r["sd"] or 0 for r in rs]
-                wsd = recipe.endswith("_wsd")
-                ax.errorbar(
-                    x,
-                    y,
-                    yerr=e,
-                    marker="^" if wsd else "o",
-                    ls="--" if wsd else "-",
-                    capsize=3,
-                    color=colors[recipe],
-                    alpha=0.6 if wsd else 1,
-                    label=LABEL[recipe],
-                )
-                rm = [
-                    r
-                    for r in rows
-                    if r["recipe"] == recipe and r["kind"] == kind and r["point"].startswith("m")
-                ]
-                if rm:
-                    ax.errorbar(
-                        [r["tokens"] / r["params"] for r in rm],
-                        [r["gap"] for r in rm],
-                        yerr=[r["sd"] or 0 for r in rm],
-                        marker="s",
-                        mfc="none",
-                        ls=":",
-                        capsize=3,
-                        color=colors[recipe],
-                        label=LABEL[recipe] + ", 1x64 model",
-                    )
+                for model, marker in (("n", "o"), ("m", "s")):  # the ladder's model; the 1x64 model
+                    for wsd_base in (False, True):
+                        rs = [
+                            r
+                            for r in rows
+                            if r["recipe"] == recipe
+                            and r["kind"] == kind
+                            and r["point"][0] == model
+                            and r["base"].endswith("_wsd") == wsd_base
+                        ]
+                        if not rs:
+                            continue
+                        label = LABEL[recipe] + (", 1x64 model" if model == "m" else "")
+                        label += ", against wsd baselines" if wsd_base else ""
+                        variant = recipe.endswith(("_wsd", "_agg"))
+                        ax.errorbar(
+                            [r["tokens"] / r["params"] for r in rs],
+                            [r["gap"] for r in rs],
+                            yerr=[r["sd"] or 0 for r in rs],
+                            marker={"_wsd": "^", "_agg": "D"}.get(recipe[-4:], marker),
+                            mfc="none" if model == "m" or wsd_base else None,
+                            ls=":" if model == "m" or wsd_base else ("--" if variant else "-"),
+                            capsize=3,
+                            color=colors[recipe],
+                            alpha=0.6 if variant else 1,
+                            label=label,
+                        )
             if kind == "data":
                 px = [t / PAPER_PARAMS for t, _, _ in PAPER]
                 py = [math.log(pp / bp) for _, bp, pp in PAPER]
                 ax.plot(px, py, "k*--", ms=9, label="paper, 370M, K=4, λ=2/3 (nats per token)")
             ax.axhline(0, color="gray", lw=0.8)
+            # linear within ±0.05, where the crossover is; logarithmic beyond, for the small rungs' losses
+            ax.set_yscale("symlog", linthresh=0.05, linscale=2)
+            ax.set_yticks([-0.05, -0.02, 0, 0.02, 0.05, 0.1, 0.2, 0.5])
+            ax.set_yticklabels(["-0.05", "-0.02", "0", "0.02", "0.05", "0.1", "0.2", "0.5"])
             ax.set_xscale("log")
             ax.set_xlim(4, 1500)
             ax.set_xlabel("training characters (paper: tokens) per parameter")
