@@ -3,8 +3,9 @@ training books as characters, validated on the first 600,000 characters of the v
 
   python docs/ladder_data.py <the Gutenberg books' folder, with train/ and val/>
 
-prepare_data.py --chars refuses a validation character the training text lacks, so the validation text is
-written to data/ladder_val.txt with those dropped (their count is printed). Out: data/ladder_chars/.
+The validation text is written to data/ladder_val.txt for prepare_data.py --chars, without the characters
+that the training text lacks (their count is printed; in the books of section 10 there are none; this
+script predates prepare_data.py dropping and counting them itself). Out: data/ladder_chars/.
 A run reads windows drawn at random from all of train.bin (about 100M characters), so a run of N << 100M
 characters reads about N distinct characters: text read about once.
 """

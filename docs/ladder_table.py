@@ -32,6 +32,7 @@ LABEL = {
 # the paper's 370M data scaling (PPL, token-level vs K=4, lam=2/3 on the same tokens; PAPER.md)
 PAPER = [(45e9, 12.50, 12.84), (90e9, 11.71, 11.80), (180e9, 11.28, 11.17), (360e9, 10.94, 10.68)]
 PAPER_PARAMS = 370e6
+MARKERS = {"": "o", "m1x64": "s", "m1x32": "v"}  # a point's model: the ladder's (n1M ...), m1x64_n3M ...
 
 
 def point_key(point):
@@ -156,13 +157,18 @@ def trend(rows, last=3):
 def speed(runs):
     """Item 4: each stage's characters a second (wall clock, as the runs logged them) and a run's measured
     wall cost against its compute cost (patchgpt.py's own count: each stage's time at its own speed), per
-    recipe over its runs of 3,072 characters a step. Runs shared 2 vCPUs with one or two others."""
+    recipe over the ladder model's runs of 3,072 characters a step. Runs shared 2 vCPUs with one or two
+    others."""
     print(
         "\n| recipe | runs | patch stage chars/s | token stage chars/s | compute cost | wall cost (range) |"
     )
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for recipe in RECIPES:
-        ss = [s for (p, g, *_), s in runs.items() if g == recipe and s["identity"]["tokens_per_step"] == 3072]
+        ss = [
+            s
+            for (p, g, *_), s in runs.items()
+            if g == recipe and p.startswith("n") and s["identity"]["tokens_per_step"] == 3072
+        ]
         if not ss:
             continue
         wall = [s["measured_cost"] for s in ss]
@@ -222,19 +228,19 @@ def main(root, png=None):
         }
         for ax, kind in zip(axes, ("compute", "data")):
             for recipe in RECIPES:
-                for model, marker in (("n", "o"), ("m", "s")):  # the ladder's model; the 1x64 model
+                for model, marker in MARKERS.items():
                     for wsd_base in (False, True):
                         rs = [
                             r
                             for r in rows
                             if r["recipe"] == recipe
                             and r["kind"] == kind
-                            and r["point"][0] == model
+                            and r["point"].rpartition("_")[0] == model
                             and r["base"].endswith("_wsd") == wsd_base
                         ]
                         if not rs:
                             continue
-                        label = LABEL[recipe] + (", 1x64 model" if model == "m" else "")
+                        label = LABEL[recipe] + (f", {model[1:]} model" if model else "")
                         label += ", against wsd baselines" if wsd_base else ""
                         variant = recipe.endswith(("_wsd", "_agg"))
                         ax.errorbar(
@@ -242,8 +248,8 @@ def main(root, png=None):
                             [r["gap"] for r in rs],
                             yerr=[r["sd"] or 0 for r in rs],
                             marker={"_wsd": "^", "_agg": "D"}.get(recipe[-4:], marker),
-                            mfc="none" if model == "m" or wsd_base else None,
-                            ls=":" if model == "m" or wsd_base else ("--" if variant else "-"),
+                            mfc="none" if model or wsd_base else None,
+                            ls=":" if model or wsd_base else ("--" if variant else "-"),
                             capsize=3,
                             color=colors[recipe],
                             alpha=0.6 if variant else 1,
@@ -259,7 +265,7 @@ def main(root, png=None):
             ax.set_yticks([-0.05, -0.02, 0, 0.02, 0.05, 0.1, 0.2, 0.5])
             ax.set_yticklabels(["-0.05", "-0.02", "0", "0.02", "0.05", "0.1", "0.2", "0.5"])
             ax.set_xscale("log")
-            ax.set_xlim(4, 1500)
+            ax.set_xlim(4, 4000)
             ax.set_xlabel("training characters (paper: tokens) per parameter")
             ax.set_title(f"gap at equal {kind}: patch − token-level (nats)")
             ax.grid(alpha=0.3)
