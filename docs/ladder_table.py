@@ -35,9 +35,14 @@ PAPER_PARAMS = 370e6
 MARKERS = {"": "o", "m1x64": "s", "m1x32": "v"}  # a point's model: the ladder's (n1M ...), m1x64_n3M ...
 
 
+def model_of(point):
+    """A point's model: "" for the ladder's (n1M ...), "m1x64" for m1x64_n3M, and so on."""
+    return point.rpartition("_")[0]
+
+
 def point_key(point):
-    """n1M < n3M < ... ; the other model's points after."""
-    return point.startswith("m"), float(point.rpartition("n")[2][:-1])
+    """n1M < n3M < ... ; the other models' points after."""
+    return model_of(point) != "", float(point.rpartition("n")[2][:-1])
 
 
 def load(root):
@@ -134,7 +139,7 @@ def trend(rows, last=3):
                 r
                 for r in rows
                 if (r["recipe"], r["kind"]) == (recipe, kind)
-                and r["point"].startswith("n")
+                and model_of(r["point"]) == ""
                 and not r["base"].endswith("_wsd")
             ][-last:]
             if len(rs) < last:
@@ -167,7 +172,7 @@ def speed(runs):
         ss = [
             s
             for (p, g, *_), s in runs.items()
-            if g == recipe and p.startswith("n") and s["identity"]["tokens_per_step"] == 3072
+            if g == recipe and model_of(p) == "" and s["identity"]["tokens_per_step"] == 3072
         ]
         if not ss:
             continue
@@ -235,7 +240,7 @@ def main(root, png=None):
                             for r in rows
                             if r["recipe"] == recipe
                             and r["kind"] == kind
-                            and r["point"].rpartition("_")[0] == model
+                            and model_of(r["point"]) == model
                             and r["base"].endswith("_wsd") == wsd_base
                         ]
                         if not rs:
