@@ -3,9 +3,9 @@ training books as characters, validated on the first 600,000 characters of the v
 
   python docs/ladder_data.py <the Gutenberg books' folder, with train/ and val/>
 
-The validation text is written to data/ladder_val.txt for prepare_data.py --chars, without the characters
-that the training text lacks (their count is printed; in the books of section 10 there are none; this
-script predates prepare_data.py dropping and counting them itself). Out: data/ladder_chars/.
+The validation text is written to data/ladder_val.txt for prepare_data.py --chars, which drops and counts
+the characters that the training text lacks (in the books of section 10 there are none). Out:
+data/ladder_chars/.
 A run reads windows drawn at random from all of train.bin (about 100M characters), so a run of N << 100M
 characters reads about N distinct characters: text read about once.
 """
@@ -17,29 +17,22 @@ import sys
 VAL_CHARS = 600_000
 
 
-def books(folder, n=None):
-    """The books in folder (file order), a blank line between books; the first n characters if n."""
+def books(folder, n):
+    """The first n characters of the books in folder (file order), a blank line between books."""
     parts, size = [], 0
     for name in sorted(os.listdir(folder)):
         with open(os.path.join(folder, name), encoding="utf-8") as f:
             parts.append(f.read().strip() + "\n\n")
         size += len(parts[-1])
-        if n and size >= n:
+        if size >= n:
             break
     text = "".join(parts)
-    return text[:n] if n else text
+    return text[:n]
 
 
 def main(gutenberg):
     os.makedirs("data", exist_ok=True)
-    known = set(books(os.path.join(gutenberg, "train")))
     val = books(os.path.join(gutenberg, "val"), VAL_CHARS)
-    dropped = [c for c in val if c not in known]
-    val = "".join(c for c in val if c in known)
-    print(
-        f"ladder: {len(known)} distinct training characters; validation {len(val):,} characters, "
-        f"{len(dropped)} dropped ({len(set(dropped))} distinct: {''.join(sorted(set(dropped)))!r})"
-    )
     with open("data/ladder_val.txt", "w", encoding="utf-8") as f:
         f.write(val)
     if not os.path.exists("data/ladder_chars/meta.json"):
