@@ -32,7 +32,8 @@ LABEL = {
 # the paper's 370M data scaling (PPL, token-level vs K=4, lam=2/3 on the same tokens; PAPER.md)
 PAPER = [(45e9, 12.50, 12.84), (90e9, 11.71, 11.80), (180e9, 11.28, 11.17), (360e9, 10.94, 10.68)]
 PAPER_PARAMS = 370e6
-MARKERS = {"": "o", "m1x64": "s", "m1x32": "v"}  # a point's model: the ladder's (n1M ...), m1x64_n3M ...
+# a point's model (model_of): the ladder's (n1M ...), m1x64_n3M ...
+MARKERS = {"": "o", "m1x64": "s", "m1x32": "v", "m2x32": "P"}
 
 
 def model_of(point):
