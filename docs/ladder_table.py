@@ -32,7 +32,7 @@ LABEL = {
 # the paper's 370M data scaling (PPL, token-level vs K=4, lam=2/3 on the same tokens; PAPER.md)
 PAPER = [(45e9, 12.50, 12.84), (90e9, 11.71, 11.80), (180e9, 11.28, 11.17), (360e9, 10.94, 10.68)]
 PAPER_PARAMS = 370e6
-# a point's model (model_of): the ladder's (n1M ...), m1x64_n3M ...
+# the plot's marker for each model_of(point): the ladder's 2x64 model (""), then the smaller ones
 MARKERS = {"": "o", "m1x64": "s", "m1x32": "v", "m2x32": "P"}
 
 
@@ -42,8 +42,9 @@ def model_of(point):
 
 
 def point_key(point):
-    """n1M < n3M < ... ; the other models' points after."""
-    return model_of(point) != "", float(point.rpartition("n")[2][:-1])
+    """n1M < n3M < ... ; the other models' points after, by amount and then by name (so that two models at one
+    amount keep one order, whatever order their folders were listed in)."""
+    return model_of(point) != "", float(point.rpartition("n")[2][:-1]), point
 
 
 def load(root):
